@@ -1,0 +1,61 @@
+"""nbchat: notebook-native chat with a local LLM.
+
+``%load_ext nbchat`` registers the ``%%chat`` / ``%chat`` magics without importing JAX or loading a
+model; ``nbchat.Engine`` is the OpenAI-style chat completion API. Heavy names are imported lazily.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from nbchat.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NbchatError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it; imported on first attribute access (PEP 562).
+_LAZY = {
+    "Engine": "nbchat.api",
+}
+
+__all__ = [
+    "ContextLengthError",
+    "Engine",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "NbchatError",
+    "UnsupportedModelError",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+
+if TYPE_CHECKING:
+    from nbchat.api import Engine
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nbchat' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext nbchat``: register the chat magics (no model is loaded until the first chat)."""
+    from nbchat.notebook.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext nbchat``: remove the chat magics."""
+    from nbchat.notebook.magics import unload_ipython_extension as unload
+
+    unload(ipython)
