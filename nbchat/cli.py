@@ -1,0 +1,152 @@
+"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, run the ``demo``.
+
+A thin client of nbchat.models and nbchat.api, like every other surface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
+
+from nbchat.errors import NbchatError
+from nbchat.models import DEFAULT_MODEL, REGISTRY, cache_dir, cached_models, pull
+
+DEMO_TURNS = (
+    "What is a Jupyter notebook? Answer in two sentences.",
+    "Give one tip for keeping notebooks tidy.",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nbchat", description="Notebook-native chat with a local LLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pull_parser = commands.add_parser("pull", help="fetch a model into the cache")
+    pull_parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name or HF repo id")
+
+    commands.add_parser("info", help="models, cache directory, devices and versions")
+
+    chat_parser = commands.add_parser("chat", help="chat in the terminal (empty line or Ctrl-D quits)")
+    _add_generation_options(chat_parser)
+    chat_parser.add_argument("--system", "-s", help="system prompt")
+
+    demo_parser = commands.add_parser("demo", help="a short scripted chat on the default model, streamed")
+    _add_generation_options(demo_parser)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pull":
+            source = pull(args.model)
+            print(f"{source.name}: {source.path}")
+        elif args.command == "info":
+            print_info()
+        elif args.command == "chat":
+            run_chat(args)
+        elif args.command == "demo":
+            run_demo(args)
+    except NbchatError as error:
+        print(f"nbchat: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nnbchat: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def print_info() -> None:
+    print(f"nbchat {_version('nbchat')}")
+    print(f"cache directory: {cache_dir()}  (set NBCHAT_HOME to move it)")
+    cached = set(cached_models())
+    print("registry models:")
+    for name, entry in REGISTRY.items():
+        print(f"  {name:<24} {'cached' if name in cached else 'not cached':<11} {entry.description}")
+    for name in sorted(cached - set(REGISTRY)):
+        print(f"  {name:<24} cached")
+    import jax  # after the cheap lines, so a broken JAX install still shows them
+
+    print(f"devices: {', '.join(f'{d.platform}:{d.id} ({d.device_kind})' for d in jax.devices())}")
+    packages = ("jax", "jaxlib", "flax", "transformers", "tokenizers", "gguf", "llguidance", "ipython")
+    print("versions: " + ", ".join(f"{name} {_version(name)}" for name in packages))
+    print(f"python {platform.python_version()} on {platform.machine()}")
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _stream_reply(engine, messages: list[dict], args: argparse.Namespace) -> str:
+    """Print the reply as it streams and return its text."""
+    stream = engine.chat.completions.create(
+        messages=messages,
+        stream=True,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    pieces = []
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                print(choice.delta.content, end="", flush=True)
+    print()
+    return "".join(pieces)
+
+
+def _converse(engine, turns: Iterable[str], args: argparse.Namespace, messages: list[dict]) -> None:
+    for user_text in turns:
+        messages.append({"role": "user", "content": user_text})
+        try:
+            reply = _stream_reply(engine, messages, args)
+        except BaseException:
+            messages.pop()  # the turn failed: keep the history as it was before it
+            raise
+        messages.append({"role": "assistant", "content": reply})
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from nbchat.api import Engine
+
+    engine = Engine(args.model, dtype=args.dtype)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+
+    def prompts():
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                return
+            if not line:
+                return
+            print("assistant> ", end="", flush=True)
+            yield line
+
+    _converse(engine, prompts(), args, messages)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from nbchat.api import Engine
+
+    engine = Engine(args.model, dtype=args.dtype)
+    messages: list[dict] = []
+    for turn in DEMO_TURNS:
+        print(f"\nuser> {turn}\nassistant> ", end="", flush=True)
+        _converse(engine, [turn], args, messages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
