@@ -74,17 +74,22 @@ class Conversation:
     def __len__(self) -> int:
         return len(self.turns)
 
-    def messages(self) -> list[dict[str, Any]]:
+    def messages(self, *, default_system: str | None = None) -> list[dict[str, Any]]:
         """The whole history as a message list, system prompt first."""
-        return self.context(len(self.turns))
+        return self.context(len(self.turns), default_system=default_system)
 
-    def context(self, index: int, *, system: str | None = None) -> list[dict[str, Any]]:
-        """The messages before turn ``index``: the system prompt (``system`` overrides the
-        conversation's) then every earlier turn's prompt and reply. A new turn at ``index`` is
-        generated from ``context(index) + its prompt``."""
+    def context(
+        self, index: int, *, system: str | None = None, default_system: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The messages before turn ``index``: a system prompt, then every earlier turn's prompt and
+        reply. A new turn at ``index`` is generated from ``context(index) + its prompt``.
+
+        The system prompt is the first of ``system`` (a one-turn override), the conversation's own,
+        and ``default_system`` (the surface's configured default) that is set.
+        """
         if not 0 <= index <= len(self.turns):
             raise self._out_of_range(index)
-        system_prompt = system if system is not None else self.system
+        system_prompt = next((text for text in (system, self.system, default_system) if text), None)
         messages: list[dict[str, Any]] = []
         if system_prompt:
             messages.append({"role": "system", "content": system_prompt})
@@ -92,9 +97,11 @@ class Conversation:
             messages.extend(turn.messages)
         return messages
 
-    def request_messages(self, index: int, turn: Turn) -> list[dict[str, Any]]:
+    def request_messages(
+        self, index: int, turn: Turn, *, default_system: str | None = None
+    ) -> list[dict[str, Any]]:
         """The messages to send to generate ``turn``'s reply when it sits at position ``index``."""
-        return self.context(index, system=turn.system) + list(turn.prompt)
+        return self.context(index, system=turn.system, default_system=default_system) + list(turn.prompt)
 
     def index_of(self, key: str | None) -> int | None:
         """Position of the turn produced by ``key`` (a re-run cell), or None."""

@@ -128,3 +128,14 @@ def test_loading_a_bad_file_names_the_problem(tmp_path, content, message):
 def test_loading_a_missing_file_is_a_conversation_error(tmp_path):
     with pytest.raises(ConversationError, match="cannot read"):
         Conversation.load(tmp_path / "nope.json")
+
+
+def test_system_prompt_precedence_turn_then_conversation_then_default():
+    conversation = Conversation()
+    turn = Turn(prompt=[{"role": "user", "content": "q"}])
+    assert conversation.request_messages(0, turn) == [{"role": "user", "content": "q"}]
+    assert conversation.request_messages(0, turn, default_system="d")[0] == {"role": "system", "content": "d"}
+    conversation.system = "c"
+    assert conversation.request_messages(0, turn, default_system="d")[0]["content"] == "c"
+    turn.system = "t"
+    assert conversation.request_messages(0, turn, default_system="d")[0]["content"] == "t"

@@ -177,6 +177,11 @@ class ReplyView:
         self._stdout.write("\n")
         self._stdout.flush()
 
+    def discard(self) -> None:
+        """Blank the placeholder of a reply that never came (the request failed)."""
+        if self.live and self.handle is not None:
+            self.handle.update({"text/plain": ""}, raw=True, metadata=self.metadata)
+
     def _redraw(self, bundle: Bundle, metadata: dict[str, Any] | None = None) -> None:
         metadata = self.metadata if metadata is None else metadata
         if self.handle is None:
