@@ -271,6 +271,9 @@ def test_response_format_dispatch(compiler):
     assert compiler.response_format({"type": "json_object"}).description == "JSON object"
     spec = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
     assert compiler.response_format(spec).description == "JSON schema"
+    # OpenAI's json_schema.schema is optional: without one, any JSON object
+    assert compiler.response_format({"type": "json_schema", "json_schema": {"name": "x"}}).description == \
+        "JSON object"
 
 
 @pytest.mark.parametrize(
@@ -287,8 +290,7 @@ def test_response_format_dispatch(compiler):
          "response_format", "unclosed group"),
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": ["not", "a", "schema"]}},
          "response_format", "expected a JSON schema object"),
-        ({"type": "json_schema", "json_schema": {"name": "x"}},
-         "response_format.json_schema.schema", "required"),
+        ({"type": "json_schema"}, "response_format.json_schema", "required"),
         ({"type": "yaml"}, "response_format", "Invalid response_format.type 'yaml'"),
     ],
 )
@@ -356,6 +358,34 @@ def test_tool_call_grammar_per_tool_choice(backend, compiler, text, auto, requir
     assert accepts(backend, named, text) is named_clock
     single = compiler.tool_calls(TOOLS, "required", parallel_tool_calls=False)
     assert accepts(backend, single, text) is required_single
+
+
+def test_auto_tool_choice_with_a_json_response_format(backend, compiler):
+    response_format = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
+    constraint = compiler.tool_calls(TOOLS, "auto", response_format=response_format)
+    assert accepts(backend, constraint, '{"name": "Ada", "age": 36}')
+    assert accepts(backend, constraint, CLOCK_CALL + "\n" + WEATHER_CALL)
+    assert not accepts(backend, constraint, "The weather is nice.")
+    assert not accepts(backend, constraint, '{"name": "Ada"}')
+    assert not accepts(backend, constraint, '{"name": "Ada", "age": 36}' + CLOCK_CALL)
+    bad_format = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 1}}}
+    with pytest.raises(InvalidRequestError) as info:
+        compiler.tool_calls(TOOLS, "auto", response_format=bad_format)
+    assert info.value.param == "response_format"
+
+
+def test_tool_choice_may_be_a_pydantic_model(backend, compiler):
+    from pydantic import BaseModel
+
+    class Function(BaseModel):
+        name: str
+
+    class NamedToolChoice(BaseModel):
+        type: str
+        function: Function
+
+    named = compiler.tool_calls(TOOLS, NamedToolChoice(type="function", function=Function(name="now")))
+    assert accepts(backend, named, CLOCK_CALL) and not accepts(backend, named, WEATHER_CALL)
 
 
 def test_tool_choice_none_builds_no_constraint(compiler):

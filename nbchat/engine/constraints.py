@@ -198,26 +198,13 @@ class GrammarCompiler:
         return self._constraint(grammar, param=param, description=description)
 
     def response_format(self, response_format: Mapping[str, Any] | None) -> GrammarConstraint | None:
-        """The constraint for OpenAI's ``response_format`` (None for ``text`` or no format)."""
-        if response_format is None:
+        """The constraint for OpenAI's ``response_format`` (None for ``text`` or no format). A
+        ``json_schema`` format without a schema means any JSON object, as ``json_object`` does."""
+        spec = _response_schema(response_format)
+        if spec is None:
             return None
-        kind = response_format.get("type")
-        if kind == "text":
-            return None
-        if kind == "json_object":
-            return self.json_object()
-        if kind == "json_schema":
-            spec = response_format.get("json_schema")
-            if not isinstance(spec, Mapping) or "schema" not in spec:
-                raise InvalidRequestError(
-                    "response_format.json_schema.schema is required when response_format.type is "
-                    "'json_schema'.", param="response_format.json_schema.schema",
-                    code="missing_required_parameter")
-            return self.json_schema(spec["schema"], strict=bool(spec.get("strict")),
-                                    param="response_format", description="JSON schema")
-        raise InvalidRequestError(
-            f"Invalid response_format.type {kind!r}: expected 'text', 'json_object' or 'json_schema'.",
-            param="response_format", code="invalid_value")
+        schema, strict, description = spec
+        return self.json_schema(schema, strict=strict, param="response_format", description=description)
 
     def lark(self, grammar: str, *, param: str = "grammar") -> GrammarConstraint:
         """Text matching a Lark grammar (llguidance's dialect, with ``%json`` sub-grammars)."""
@@ -230,7 +217,8 @@ class GrammarCompiler:
                                 description="regular expression")
 
     def tool_calls(self, tools: Sequence[Mapping[str, Any]], tool_choice: str | Mapping[str, Any] = "auto",
-                   *, parallel_tool_calls: bool = True) -> GrammarConstraint | None:
+                   *, parallel_tool_calls: bool = True,
+                   response_format: Mapping[str, Any] | None = None) -> GrammarConstraint | None:
         """The constraint for OpenAI ``tools`` + ``tool_choice`` in the Hermes/Qwen syntax.
 
         - ``"none"``: None (no constraint; the caller does not parse tool calls).
@@ -240,9 +228,13 @@ class GrammarCompiler:
         - ``{"type": "function", "function": {"name": N}}``: exactly one call to N.
 
         ``parallel_tool_calls`` allows several calls in a row (one otherwise; always one for a named
-        choice). Errors name ``tools[i].function.parameters`` or ``tool_choice``.
+        choice). With ``"auto"``, a JSON ``response_format`` replaces the free text: the reply is
+        either that JSON or tool calls. Errors name ``tools[i].function.parameters``,
+        ``tool_choice`` or ``response_format``. ``tool_choice`` may be a pydantic model of the dict.
         """
         functions = _tool_functions(tools)
+        if hasattr(tool_choice, "model_dump"):  # the protocol's NamedToolChoice
+            tool_choice = tool_choice.model_dump()
         if tool_choice == "none":
             return None
         if isinstance(tool_choice, Mapping):
@@ -271,7 +263,12 @@ class GrammarCompiler:
         open_tag, close_tag = (self._lark_token(TOOL_CALL_OPEN), self._lark_token(TOOL_CALL_CLOSE))
         more_calls = '("\\n" call)*' if parallel_tool_calls else ""
         lines = ["%llguidance {}"]
-        if mode == "auto":
+        content_spec = _response_schema(response_format) if mode == "auto" else None
+        if content_spec is not None:
+            schema, strict, _ = content_spec
+            content_schema = self._check_schema(schema, strict=strict, param="response_format")
+            lines += [f"start: content | call {more_calls}", f"content: %json {json.dumps(content_schema)}"]
+        elif mode == "auto":
             # A lazy lexeme ends at the first trigger, so free text can never run past "<tool_call>";
             # a special-token trigger cannot occur inside TEXT at all.
             if open_tag.startswith('"'):
@@ -288,6 +285,8 @@ class GrammarCompiler:
                   *bodies]
         description = {"auto": "tool calls (auto)", "required": "tool calls (required)"}.get(
             mode, f"tool call to {functions[indices[0]]['name']!r}")
+        if content_spec is not None:
+            description = f"tool calls (auto) or {content_spec[2]}"
         return self._constraint(llguidance.LLMatcher.grammar_from_lark("\n".join(lines)),
                                 param="tools", description=description)
 
@@ -298,6 +297,31 @@ class GrammarCompiler:
         if len(ids) == 1 and self._lltokenizer.is_special_token(ids[0]):
             return text
         return json.dumps(text)
+
+
+def _response_schema(response_format: Mapping[str, Any] | None) -> tuple[Any, bool, str] | None:
+    """(schema, strict, description) of an OpenAI ``response_format``; None for text."""
+    if response_format is None:
+        return None
+    if hasattr(response_format, "model_dump"):  # the protocol's pydantic model of it
+        response_format = response_format.model_dump(by_alias=True)
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}, False, "JSON object"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping):
+            raise InvalidRequestError(
+                "response_format.json_schema is required when response_format.type is 'json_schema'.",
+                param="response_format.json_schema", code="missing_required_parameter")
+        if spec.get("schema") is None:
+            return {"type": "object"}, False, "JSON object"
+        return spec["schema"], bool(spec.get("strict")), "JSON schema"
+    raise InvalidRequestError(
+        f"Invalid response_format.type {kind!r}: expected 'text', 'json_object' or 'json_schema'.",
+        param="response_format", code="invalid_value")
 
 
 def _tool_functions(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
