@@ -15,6 +15,7 @@ and sees results as ``<tool_response>...</tool_response>`` in a user turn (built
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import re
@@ -87,6 +88,7 @@ def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
                     elif current:
                         params[current] = (params[current] + " " + entry.strip()).strip()
                 i += 1
+            current = None
             continue
         if google:  # Google: "Args:", entries "name (type): text" indented one level
             section = google.group(1).strip().lower()
@@ -104,6 +106,7 @@ def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
                     elif current:
                         params[current] = (params[current] + " " + entry.strip()).strip()
                 i += 1
+            current = None
             continue
         match = _SPHINX_PARAM.match(stripped)
         if match:
@@ -117,9 +120,9 @@ def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
     return " ".join(" ".join(summary).split()), {k: v for k, v in params.items() if v}
 
 
-def _argument_adapter(fn: Callable) -> tuple[Any, list[str]]:
+def _argument_adapter(fn: Callable) -> Any:
     """A pydantic TypeAdapter over ``fn``'s named parameters (``*args``/``**kwargs`` are not exposed
-    to the model) that validates a dict of arguments and calls ``fn``; and the positional-only names."""
+    to the model) that validates a dict of arguments and calls ``fn`` with them."""
     from pydantic import TypeAdapter
 
     signature = inspect.signature(fn)
@@ -145,7 +148,7 @@ def _argument_adapter(fn: Callable) -> tuple[Any, list[str]]:
     call_with_keywords.__annotations__ = annotations
     call_with_keywords.__name__ = getattr(fn, "__name__", "tool")
     call_with_keywords.__qualname__ = call_with_keywords.__name__
-    return TypeAdapter(call_with_keywords), positional_only
+    return TypeAdapter(call_with_keywords)
 
 
 # Keys whose values are data, not schemas: titles inside them are not pydantic's titles.
@@ -180,8 +183,7 @@ class Tool:
     parameters: dict
     function: Callable | None = None
     allow_run: bool = False
-    _adapter: Any = field(default=None, repr=False, compare=False)
-    _positional_only: list[str] = field(default_factory=list, repr=False, compare=False)
+    _adapter: Any = field(default=None, repr=False, compare=False)  # validates arguments, then calls
 
     @classmethod
     def from_function(cls, fn: Callable, *, name: str | None = None, description: str | None = None,
@@ -198,7 +200,7 @@ class Tool:
             raise ValueError(f"tool name {name!r} must match ^[a-zA-Z0-9_-]{{1,64}}$; pass name=...")
         summary, param_docs = parse_docstring(inspect.getdoc(fn))
         try:
-            adapter, positional_only = _argument_adapter(fn)
+            adapter = _argument_adapter(fn)
             parameters = _without_titles(adapter.json_schema())
         except Exception as exc:  # pydantic cannot express a hint: say which function
             raise TypeError(f"cannot build a JSON schema for the parameters of {name!r}: {exc}") from exc
@@ -208,8 +210,7 @@ class Tool:
                 prop["description"] = text
         parameters.setdefault("properties", {})
         return cls(name=name, description=description if description is not None else summary,
-                   parameters=parameters, function=fn, allow_run=allow_run, _adapter=adapter,
-                   _positional_only=positional_only)
+                   parameters=parameters, function=fn, allow_run=allow_run, _adapter=adapter)
 
     @classmethod
     def from_openai(cls, spec: Mapping[str, Any]) -> Tool:
@@ -308,9 +309,8 @@ class ToolRegistry:
             marked = getattr(item, "__nbchat_tool__", None)
             entry = Tool.from_function(item, name=name, description=description,
                                        allow_run=marked.allow_run if marked else False)
-        if allow_run is not None:
-            entry = Tool(entry.name, entry.description, entry.parameters, entry.function, allow_run,
-                         entry._adapter, entry._positional_only)
+        # A copy: opting in here must not change the Tool on a decorated function or in another registry.
+        entry = dataclasses.replace(entry, allow_run=entry.allow_run if allow_run is None else allow_run)
         self._tools[entry.name] = entry
         return entry
 

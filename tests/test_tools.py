@@ -102,6 +102,13 @@ def test_pydantic_models_and_annotated_fields():
         jsonschema.validate({"origin": {"x": 1}, "radius": 0, "title": "t"}, parameters)
 
 
+def test_a_function_without_parameters_takes_an_empty_object():
+    def now() -> str:
+        pass
+
+    assert parameters_of(now) == {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 def test_unannotated_star_args_and_positional_only_parameters():
     def f(a, /, b=3, *rest, c: str = "x", **options):
         pass
@@ -123,6 +130,8 @@ GOOGLE_DOC = """Look up the weather.
 
     Returns:
         dict: not a parameter.
+
+    A closing paragraph that belongs to no parameter.
     """
 
 NUMPY_DOC = """Look up the weather.
@@ -200,6 +209,8 @@ def test_tool_decorator_keeps_the_function_and_records_opt_in():
     registry = ToolRegistry([add, mul])
     assert registry.names == ["add", "multiply"]
     assert not registry.can_run("add") and registry.can_run("multiply")
+    registry.set_allow_run("add")
+    assert registry.can_run("add") and not ToolRegistry([add]).can_run("add")  # opt-in is per registry
     assert registry.can_run("add", allow_all=True)
     assert [s["function"]["name"] for s in registry.schemas()] == ["add", "multiply"]
 
