@@ -21,26 +21,9 @@ EOS = 2  # <|im_end|>, SmolLM2's end of turn
 def backend():
     """SmolLM2's tokenizers.Tokenizer, read from the cached GGUF (no model weights)."""
     from nbchat.models import resolve
+    from nbchat.tokenizer import load_tokenizer
 
-    path = resolve(progress=False).path
-    try:
-        from nbchat.tokenizer import load_tokenizer
-
-        return load_tokenizer(path).backend_tokenizer
-    except ImportError:  # the lead's GGUF metadata reader is not there yet: convert here
-        import gguf
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING,
-            convert_gguf_tokenizer,
-        )
-
-        reader = gguf.GGUFReader(path)
-        metadata = {k: f.contents() for k, f in reader.fields.items()
-                    if k.startswith("tokenizer.") or k.startswith("general.arch")}
-        grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
-                           if f"tokenizer.{key}" in metadata}
-                   for group, renames in GGUF_TOKENIZER_MAPPING.items()}
-        return convert_gguf_tokenizer(metadata["general.architecture"], grouped["tokenizer"])[0]
+    return load_tokenizer(resolve(progress=False).path).backend_tokenizer
 
 
 @pytest.fixture(scope="module")
