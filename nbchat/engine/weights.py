@@ -211,7 +211,7 @@ def _unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K permutation (interleaved RoPE pairs -> Hugging Face's half split).
 
     llama.cpp stores head h's rows as (pair j, member t) where Hugging Face has (half t, index j):
-    reshape to [heads, hd/2, 2, ...] and swap the two inner axes back. Works for weights and biases.
+    reshape to [heads, hd/2, 2, ...] and swap the two inner axes back.
     """
     pairs = rows.shape[0] // num_heads // 2
     return rows.reshape(num_heads, pairs, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
@@ -261,7 +261,6 @@ def load_gguf(
     permuted_heads = {}
     if config.architecture in _GGUF_PERMUTED_ARCHITECTURES:
         permuted_heads = {"q": config.num_heads, "k": config.num_kv_heads}
-        permuted_heads |= {"q_bias": config.num_heads, "k_bias": config.num_kv_heads}
 
     def read(name: str, key: str) -> np.ndarray:
         tensor = tensors[name]
