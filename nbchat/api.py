@@ -1,0 +1,546 @@
+"""The in-process OpenAI-style chat completion API: ``Engine`` and
+``engine.chat.completions.create(**request)``.
+
+A request is validated (``nbchat.protocol``) and rendered into prompt ids (``nbchat.templates``)
+before any compute; then the engine's ``Generator`` yields token events that become stream chunks
+(detokenized, cut at stop strings, with logprobs). A non-streaming response is that same stream
+collected, so the two can never disagree. Every surface (magics, panel, kernel, server, CLI) calls
+this module.
+
+Must not: know of notebooks or HTTP; hold model math (``nbchat.engine``) or template text.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nbchat.errors import ContextLengthError, InvalidRequestError, NbchatError
+from nbchat.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceDelta,
+    ChoiceLogprobs,
+    ChunkChoice,
+    FinishReason,
+    ResponseFunctionCall,
+    ResponseToolCall,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    validate_request,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from nbchat.engine.detokenize import TokenBytes
+    from nbchat.engine.generate import Generator, SamplingParams, TokenConstraint, TokenEvent
+    from nbchat.models import LoadedModel
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# Request fields an Engine default may not set: they describe one call, not a session.
+_PER_CALL_FIELDS = ("messages", "stream", "stream_options", "continue_final_message")
+# How many prompt ids the detokenizer sees before a continued message, so its first token reads right.
+_CONTEXT_IDS_FOR_CONTINUATION = 8
+_MIN_LOGPROB = -9999.0
+
+
+class EngineBusyError(NbchatError, RuntimeError):
+    """A second generation was started on this thread while an earlier stream is still open."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the notebook shows after loading: the model, where it runs and how much it can read."""
+
+    name: str
+    dtype: str
+    device: str
+    context_length: int
+    architecture: str
+    num_layers: int
+    vocab_size: int
+    source: str
+
+
+# --------------------------------------------------------------------------------------------------
+# How a request generates: the one place that decides constraints and output parsing per request.
+
+
+class ChoiceOutput(Protocol):
+    """Turns a choice's visible text into OpenAI delta dicts (``{"content": ...}`` or
+    ``{"tool_calls": [...]}``, as ``nbchat.tools.ToolCallParser`` produces them)."""
+
+    def feed(self, text: str) -> list[dict[str, Any]]: ...
+
+    def finish(self) -> list[dict[str, Any]]: ...
+
+
+class TextOutput:
+    """Plain text: every piece of text is a content delta."""
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return [{"content": text}] if text else []
+
+    def finish(self) -> list[dict[str, Any]]:
+        return []
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Per-request generation choices: the token constraint of each choice (None = unconstrained),
+    how its text becomes deltas, and the tools the chat template is given."""
+
+    new_constraint: Callable[[], TokenConstraint | None]
+    new_output: Callable[[], ChoiceOutput]
+    template_tools: list[dict[str, Any]] | None = None
+
+
+def plan_generation(request: ChatCompletionRequest, loaded: LoadedModel) -> GenerationPlan:
+    """Decide how ``request`` generates. Structured output and tool calling are validated by the
+    protocol but not generated yet: they are refused here, and only here."""
+    response_type = request.response_format.type if request.response_format is not None else "text"
+    if response_type != "text":
+        raise InvalidRequestError(
+            f"response_format type {response_type!r} is not implemented yet (structured output is "
+            "planned); use {'type': 'text'} or leave response_format out.",
+            param="response_format",
+            code="not_implemented",
+        )
+    if request.tools:
+        raise InvalidRequestError(
+            "Tool calling is not implemented yet (it is planned); leave 'tools' and 'tool_choice' out.",
+            param="tools",
+            code="not_implemented",
+        )
+    return GenerationPlan(new_constraint=lambda: None, new_output=TextOutput)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """A local chat model behind OpenAI's chat completion interface.
+
+    ``Engine(model="smollm2-135m-instruct", dtype="float32", **defaults)``: ``model`` is a registry
+    name, a ``.gguf`` path, a Hugging Face layout directory or repo id; ``defaults`` are default
+    request parameters (``temperature=0.7``, ``max_tokens=256``, ``chat_template="chatml"``, ...),
+    validated now. The model loads on first use, or with ``engine.load()``.
+
+    ``engine.chat.completions.create(messages=[...], stream=False, **params)`` returns a
+    ``ChatCompletion``, or with ``stream=True`` a ``ChatCompletionStream`` of chunks.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32", **defaults: Any):
+        self.model = model
+        self.dtype = dtype
+        for name in _PER_CALL_FIELDS:
+            if name in defaults:
+                raise InvalidRequestError(
+                    f"'{name}' belongs to a single request, not to the engine's defaults: pass it to "
+                    "create() instead.",
+                    param=name,
+                    code="invalid_value",
+                )
+        defaults = {key: value for key, value in defaults.items() if value is not None}
+        validate_request({"messages": [{"role": "user", "content": "."}], **defaults})
+        self.defaults: dict[str, Any] = defaults
+        self.chat = _Chat(self)
+        self._loaded: LoadedModel | None = None
+        self._generator: Generator | None = None
+        self._token_bytes: TokenBytes | None = None
+        self._load_lock = threading.Lock()
+        self._generation_lock = threading.Lock()
+        self._generation_thread: int | None = None
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._loaded is not None else "not loaded"
+        return f"Engine(model={self.model!r}, dtype={self.dtype!r}; {state})"
+
+    # ---- loading
+
+    def load(self) -> Engine:
+        """Load the model now (otherwise it loads on first use); returns the engine."""
+        self._ensure_loaded()
+        return self
+
+    def _ensure_loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            with self._load_lock:
+                if self._loaded is None:
+                    from nbchat.engine.detokenize import TokenBytes
+                    from nbchat.engine.generate import Generator
+                    from nbchat.models import load
+
+                    loaded = load(self.model, dtype=self.dtype)
+                    self._generator = Generator(loaded.config, loaded.params)
+                    self._token_bytes = TokenBytes(loaded.tokenizer.backend_tokenizer)
+                    self._loaded = loaded
+        return self._loaded
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return self._ensure_loaded().tokenizer
+
+    @property
+    def model_info(self) -> ModelInfo:
+        loaded = self._ensure_loaded()
+        import jax
+
+        device = jax.devices()[0]
+        kind = device.platform if device.device_kind.lower() == device.platform else (
+            f"{device.platform} ({device.device_kind})"
+        )
+        count = len(jax.devices())
+        return ModelInfo(
+            name=loaded.name,
+            dtype=loaded.dtype,
+            device=f"{count} x {kind}" if count > 1 else kind,
+            context_length=self._generator.context_length,
+            architecture=loaded.config.architecture,
+            num_layers=loaded.config.num_layers,
+            vocab_size=loaded.config.vocab_size,
+            source=str(loaded.source.path),
+        )
+
+    # ---- prompts
+
+    def render_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+    ) -> tuple[str, list[int]]:
+        """The prompt text and token ids ``messages`` would be sent to the model as."""
+        payload: dict[str, Any] = {"messages": messages, "tools": tools, "chat_template": chat_template,
+                                   "continue_final_message": continue_final_message or None}
+        request = validate_request(self._with_defaults(payload, only=("chat_template",)))
+        return self._prompt(request, self._ensure_loaded(), tools=request.template_tools())
+
+    def _prompt(self, request: ChatCompletionRequest, loaded: LoadedModel,
+                *, tools: list[dict[str, Any]] | None) -> tuple[str, list[int]]:
+        from nbchat.templates import render_messages, tokenize_prompt
+
+        text = render_messages(
+            loaded.tokenizer,
+            request.template_messages(),
+            chat_template=request.chat_template,
+            tools=tools,
+            continue_final_message=bool(request.continue_final_message),
+        )
+        return text, tokenize_prompt(loaded.tokenizer, text)
+
+    def _with_defaults(self, request: Mapping[str, Any], *,
+                       only: Sequence[str] | None = None) -> dict[str, Any]:
+        """The engine's defaults under the request's own values (a None value counts as not given)."""
+        defaults = {key: value for key, value in self.defaults.items() if only is None or key in only}
+        return {**defaults, **{key: value for key, value in request.items() if value is not None}}
+
+    # ---- completions
+
+    def _create(self, request_kwargs: Mapping[str, Any]) -> ChatCompletion | ChatCompletionStream:
+        request = validate_request(self._with_defaults(request_kwargs))
+        loaded = self._ensure_loaded()
+        self._check_model_name(request, loaded)
+        plan = plan_generation(request, loaded)
+        self._check_logit_bias(request, loaded)
+        _, prompt_ids = self._prompt(request, loaded, tools=plan.template_tools)
+        max_new_tokens = self._completion_budget(request, len(prompt_ids))
+        if request.stream:
+            chunks = self._chunks(request, loaded, plan, prompt_ids, max_new_tokens,
+                                  include_usage=request.include_usage)
+            return ChatCompletionStream(chunks)
+        chunks = self._chunks(request, loaded, plan, prompt_ids, max_new_tokens, include_usage=True)
+        return _collect(chunks, logprobs=bool(request.logprobs))
+
+    def _check_model_name(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
+        names = {self.model, loaded.name, str(loaded.source.path), loaded.source.path.name}
+        if request.model is not None and request.model not in names:
+            raise InvalidRequestError(
+                f"The model {request.model!r} is not loaded in this engine, which serves {loaded.name!r}. "
+                f"Leave model out, pass model={loaded.name!r}, or create Engine(model={request.model!r}).",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _check_logit_bias(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
+        vocab_size = loaded.config.vocab_size
+        for token_id in request.logit_bias or {}:
+            if token_id >= vocab_size:
+                raise InvalidRequestError(
+                    f"Invalid key in 'logit_bias': token id {token_id} is outside this model's vocabulary "
+                    f"(ids 0 to {vocab_size - 1}).",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+
+    def _completion_budget(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
+        """max_new_tokens: the request's limit, or (when none) whatever context is left."""
+        context_length = self._generator.context_length
+        limit = request.completion_token_limit
+        if limit is None:
+            if prompt_tokens >= context_length:
+                raise ContextLengthError(prompt_tokens, 1, context_length)
+            return context_length - prompt_tokens
+        if prompt_tokens + limit > context_length:
+            raise ContextLengthError(prompt_tokens, limit, context_length)
+        return limit
+
+    @contextmanager
+    def _generation_slot(self) -> Iterator[None]:
+        """One generation at a time on the Generator: other threads wait, this thread is told."""
+        if self._generation_thread == threading.get_ident():
+            raise EngineBusyError(
+                "An earlier streamed completion of this engine is still open in this thread. Iterate it to "
+                "the end or call its close() before starting another."
+            )
+        with self._generation_lock:
+            self._generation_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._generation_thread = None
+
+    def _chunks(self, request: ChatCompletionRequest, loaded: LoadedModel, plan: GenerationPlan,
+                prompt_ids: list[int], max_new_tokens: int, *, include_usage: bool,
+                ) -> Iterator[ChatCompletionChunk]:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        fingerprint = _system_fingerprint(loaded)
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=completion_id, created=created, model=loaded.name, choices=choices,
+                                       usage=usage, system_fingerprint=fingerprint)
+
+        completion_tokens = 0
+        with self._generation_slot():
+            for index in range(request.n or 1):
+                yield chunk([ChunkChoice(index=index, delta=ChoiceDelta(role="assistant", content=""))])
+                choice = _ChoiceRun(self, request, loaded, plan, prompt_ids, max_new_tokens, index)
+                for delta, logprobs in choice.deltas():
+                    yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
+                completion_tokens += choice.completion_tokens
+                finish = ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=choice.finish_reason)
+                yield chunk([finish])
+        if include_usage:
+            usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                          total_tokens=len(prompt_ids) + completion_tokens)
+            yield chunk([], usage)
+
+    def _sampling(self, request: ChatCompletionRequest, choice_index: int) -> SamplingParams:
+        from nbchat.engine.generate import SamplingParams
+
+        seed = None if request.seed is None else _wrap_int64(request.seed + choice_index)
+        return SamplingParams(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k or 0,
+            min_p=request.min_p or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            presence_penalty=request.presence_penalty or 0.0,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            logit_bias=dict(request.logit_bias or {}),
+            seed=seed,
+            top_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
+        )
+
+    def _token_logprob(self, event: TokenEvent) -> TokenLogprob:
+        token_bytes = self._token_bytes
+        return TokenLogprob(
+            token=token_bytes.text(event.token_id),
+            bytes=list(token_bytes.bytes(event.token_id)),
+            logprob=_finite_logprob(event.logprob),
+            top_logprobs=[
+                TopLogprob(token=token_bytes.text(token_id), bytes=list(token_bytes.bytes(token_id)),
+                           logprob=_finite_logprob(logprob))
+                for token_id, logprob in event.top_logprobs
+            ],
+        )
+
+
+class _ChoiceRun:
+    """One choice's generation: token events -> text -> stop strings -> deltas with their logprobs."""
+
+    def __init__(self, engine: Engine, request: ChatCompletionRequest, loaded: LoadedModel,
+                 plan: GenerationPlan, prompt_ids: list[int], max_new_tokens: int, index: int):
+        self._engine = engine
+        self._request = request
+        self._loaded = loaded
+        self._plan = plan
+        self._prompt_ids = prompt_ids
+        self._max_new_tokens = max_new_tokens
+        self._index = index
+        self.completion_tokens = 0
+        self.finish_reason: FinishReason = "length"
+
+    def deltas(self) -> Iterator[tuple[ChoiceDelta, ChoiceLogprobs | None]]:
+        from nbchat.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+
+        request, loaded = self._request, self._loaded
+        continuing = request.continue_final_message
+        context_ids = self._prompt_ids[-_CONTEXT_IDS_FOR_CONTINUATION:] if continuing else ()
+        detokenizer = IncrementalDetokenizer(loaded.tokenizer.backend_tokenizer, context_ids=context_ids)
+        stop_strings = StopStringMatcher(request.stop_strings)
+        output = self._plan.new_output()
+        pending_logprobs: list[TokenLogprob] = []  # of tokens whose text is not shown yet
+
+        def emit(deltas: list[dict[str, Any]]) -> Iterator[tuple[ChoiceDelta, ChoiceLogprobs | None]]:
+            for delta in deltas:
+                logprobs = None
+                if request.logprobs:
+                    logprobs = ChoiceLogprobs(content=list(pending_logprobs))
+                    pending_logprobs.clear()
+                yield ChoiceDelta(**delta), logprobs
+
+        events = self._engine._generator.generate(
+            self._prompt_ids,
+            self._engine._sampling(request, self._index),
+            max_new_tokens=self._max_new_tokens,
+            stop_ids=loaded.stop_ids,
+            constraint=self._plan.new_constraint(),
+        )
+        try:
+            for event in events:
+                self.completion_tokens += 1
+                if event.token_id in loaded.stop_ids:
+                    self.finish_reason = "stop"
+                    break
+                if request.logprobs:
+                    pending_logprobs.append(self._engine._token_logprob(event))
+                text = stop_strings.feed(detokenizer.step(event.token_id))
+                yield from emit(output.feed(text))
+                if stop_strings.stopped:
+                    self.finish_reason = "stop"
+                    break
+        finally:
+            events.close()  # stops the Generator at once when the caller stops early
+        yield from emit(output.feed(stop_strings.flush()))
+        yield from emit(output.finish())
+
+
+class ChatCompletionStream(Iterator[ChatCompletionChunk]):
+    """The chunks of a streamed chat completion. Closing it (``close()``, leaving a ``with`` block,
+    or breaking out of the loop and dropping it) stops generation and frees the engine."""
+
+    def __init__(self, chunks: Iterator[ChatCompletionChunk]):
+        self._chunks = chunks
+
+    def __iter__(self) -> ChatCompletionStream:
+        return self
+
+    def __next__(self) -> ChatCompletionChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def __enter__(self) -> ChatCompletionStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Completions:
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def create(self, **request: Any) -> ChatCompletion | ChatCompletionStream:
+        """OpenAI's ``chat.completions.create``: ``messages=[...]`` plus request parameters; see
+        ``nbchat.protocol.ChatCompletionRequest`` for every field. Raises InvalidRequestError (or
+        ContextLengthError) before any compute when the request is wrong."""
+        return self._engine._create(request)
+
+
+class _Chat:
+    def __init__(self, engine: Engine):
+        self.completions = _Completions(engine)
+
+
+# --------------------------------------------------------------------------------------------------
+# Collecting a stream into a response
+
+
+def _collect(chunks: Iterator[ChatCompletionChunk], *, logprobs: bool) -> ChatCompletion:
+    """The non-streaming response: the stream's chunks merged per choice."""
+    first: ChatCompletionChunk | None = None
+    usage: Usage | None = None
+    choices: dict[int, _CollectedChoice] = {}
+    for chunk in chunks:
+        first = first or chunk
+        usage = chunk.usage or usage
+        for part in chunk.choices:
+            choices.setdefault(part.index, _CollectedChoice()).add(part)
+    assert first is not None and usage is not None  # _chunks always ends with the usage chunk
+    return ChatCompletion(
+        id=first.id,
+        created=first.created,
+        model=first.model,
+        system_fingerprint=first.system_fingerprint,
+        choices=[choices[index].choice(index, logprobs=logprobs) for index in sorted(choices)],
+        usage=usage,
+    )
+
+
+class _CollectedChoice:
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: FinishReason = "length"
+
+    def add(self, part: ChunkChoice) -> None:
+        if part.delta.content:
+            self.content.append(part.delta.content)
+        for fragment in part.delta.tool_calls or ():
+            call = self.tool_calls.setdefault(fragment.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = fragment.id or call["id"]
+            if fragment.function is not None:
+                call["name"] += fragment.function.name or ""
+                call["arguments"] += fragment.function.arguments or ""
+        if part.logprobs is not None and part.logprobs.content:
+            self.logprobs.extend(part.logprobs.content)
+        if part.finish_reason is not None:
+            self.finish_reason = part.finish_reason
+
+    def choice(self, index: int, *, logprobs: bool) -> Choice:
+        tool_calls = [
+            ResponseToolCall(id=call["id"], function=ResponseFunctionCall(name=call["name"],
+                                                                          arguments=call["arguments"]))
+            for _, call in sorted(self.tool_calls.items())
+        ]
+        content = "".join(self.content)
+        message = ChatCompletionMessage(content=content if content or not tool_calls else None,
+                                        tool_calls=tool_calls or None)
+        return Choice(index=index, message=message, finish_reason=self.finish_reason,
+                      logprobs=ChoiceLogprobs(content=self.logprobs) if logprobs else None)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _system_fingerprint(loaded: LoadedModel) -> str:
+    from nbchat import __version__
+
+    return f"nbchat-{__version__}-{loaded.dtype}"
+
+
+def _finite_logprob(logprob: float) -> float:
+    """OpenAI's logprobs are finite: -inf (and NaN) become -9999.0."""
+    return logprob if logprob >= _MIN_LOGPROB else _MIN_LOGPROB
+
+
+def _wrap_int64(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
