@@ -847,14 +847,24 @@ def _invalid_request(exc: ValidationError) -> InvalidRequestError:
             f"Missing required parameter: '{path}'.", param=path, code="missing_required_parameter"
         )
     if kind == "extra_forbidden":
-        field = path.rsplit(".", 1)[-1]
-        suggestion = difflib.get_close_matches(field, _KNOWN_FIELD_NAMES, n=1, cutoff=0.75) or [
-            name for name in _KNOWN_FIELD_NAMES if len(field) >= 4 and field in name
-        ]
-        fix = f" Did you mean '{suggestion[0]}'?" if suggestion else " Remove it."
+        unknown = [_loc_to_path(other["loc"]) for other in exc.errors(include_url=False)
+                   if other["type"] == "extra_forbidden"]
+        fixes = []
+        for unknown_path in unknown:
+            field = unknown_path.rsplit(".", 1)[-1]
+            suggestion = difflib.get_close_matches(field, _KNOWN_FIELD_NAMES, n=1, cutoff=0.75) or [
+                name for name in _KNOWN_FIELD_NAMES if len(field) >= 4 and field in name
+            ]
+            if suggestion:
+                fixes.append(f"did you mean '{suggestion[0]}' for '{field}'?")
         where = "request argument" if "." not in path else "field"
+        names = ", ".join(f"'{name}'" for name in unknown)
+        fix = f" Remove {'it' if len(unknown) == 1 else 'them'}"
+        fix += f", or fix the spelling: {' '.join(fixes)}" if fixes else "."
         return InvalidRequestError(
-            f"Unrecognized {where} supplied: '{path}'.{fix}", param=path, code="unknown_parameter"
+            f"Unrecognized {where}{'s' if len(unknown) > 1 else ''} supplied: {names}.{fix}",
+            param=path,
+            code="unknown_parameter",
         )
     if kind in _EXPECTED_BY_ERROR_TYPE:
         return InvalidRequestError(

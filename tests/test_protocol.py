@@ -125,6 +125,7 @@ BAD_REQUESTS = [
     # unknown and unsupported fields
     ("unknown-field-typo", {"messages": USER, "temprature": 0.5}, "temprature", "temperature"),
     ("unknown-field", {"messages": USER, "foo": 1}, "foo", "unrecognized"),
+    ("unknown-fields-several", {"messages": USER, "foo": 1, "max_token": 5}, "foo", "'max_token'"),
     ("audio", {"messages": USER, "audio": {"voice": "alloy", "format": "mp3"}}, "audio", "not supported"),
     ("modalities-audio", {"messages": USER, "modalities": ["text", "audio"]}, "modalities", "not supported"),
     ("prediction", {"messages": USER, "prediction": {"type": "content", "content": "x"}}, "prediction",
