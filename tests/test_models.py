@@ -135,10 +135,26 @@ def test_default_model_tokenizer_from_gguf_matches_smollm2(smollm2):
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     # Pins the GGUF -> tokenizers conversion: the ids of the user turn and the assistant header.
-    assert (
-        ids[-17:]
-        == [2, 198, 1, 4093, 198, 26843, 47526, 216, 18645, 250, 48392, 138, 2, 198, 1, 520, 9531][-17:]
-    )
+    assert ids[-18:] == [
+        2,
+        198,
+        1,
+        4093,
+        198,
+        26843,
+        47526,
+        216,
+        18645,
+        250,
+        48392,
+        138,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ]
     assert smollm2.stop_ids == {2, 0}
     assert smollm2.config.num_layers == 30
 
