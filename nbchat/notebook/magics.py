@@ -518,11 +518,11 @@ class ChatMagics(Magics):
 
         options = {"dtype": self.dtype} if self.dtype else {}
         try:
-            engine = Engine(model=model, **options)
+            engine = Engine(model=model, **options).load()
         except (ModelNotFoundError, UnsupportedModelError, InvalidRequestError) as error:
             raise UsageError(f"cannot load model {model!r}: {error}") from None
         _ENGINES[key] = engine
-        print(_engine_summary(engine, model, time.perf_counter() - started), flush=True)
+        print(_engine_summary(engine, time.perf_counter() - started), flush=True)
         return engine
 
     def _show_prompt(self, engine: Any, messages: list[dict[str, Any]]) -> None:
@@ -638,7 +638,7 @@ class ChatMagics(Magics):
         if not words:
             engine = _ENGINES.get((self.model, self.dtype))
             state = (
-                _engine_summary(engine, self.model)
+                _engine_summary(engine)
                 if engine
                 else "not loaded yet: it loads on the first chat"
             )
@@ -765,29 +765,14 @@ class ChatMagics(Magics):
         self._no_arguments("conversations", _split_words(rest))
         for name, conversation in sorted(self.conversations.items()):
             marker = "*" if name == self.current else " "
-            print(f"{marker} {name}: {len(conversation)} exchanges")
+            count = len(conversation)
+            print(f"{marker} {name}: {count} exchange{'' if count == 1 else 's'}")
 
 
-def _engine_summary(engine: Any, model: str, seconds: float | None = None) -> str:
-    """One line: model, dtype, device, context length (and load time)."""
-    info = getattr(engine, "model_info", None)
-
-    def field_of(*names: str) -> Any:
-        for name in names:
-            if isinstance(info, dict) and info.get(name) is not None:
-                return info[name]
-            if info is not None and getattr(info, name, None) is not None:
-                return getattr(info, name)
-        return None
-
-    parts = [str(field_of("name", "model") or model)]
-    for value, label in ((field_of("dtype"), ""), (field_of("device", "platform"), "")):
-        if value is not None:
-            parts.append(f"{label}{value}")
-    context = field_of("context_length", "max_context_length")
-    if context is not None:
-        parts.append(f"context {context} tokens")
-    line = " · ".join(parts)
+def _engine_summary(engine: Any, seconds: float | None = None) -> str:
+    """One line about a loaded engine: model, dtype, device, context length (and load time)."""
+    info = engine.model_info
+    line = f"{info.name} · {info.dtype} · {info.device} · context {info.context_length} tokens"
     return f"Loaded {line} in {seconds:.1f} s" if seconds is not None else line
 
 
