@@ -771,6 +771,12 @@ class ChatCompletionRequest(_RequestModel):
             return self.tool_choice
         return "auto" if self.tools else "none"
 
+    def response_format_spec(self) -> dict[str, Any] | None:
+        """response_format as OpenAI's plain dict (``json_schema.schema`` under its own name), or None."""
+        if self.response_format is None:
+            return None
+        return self.response_format.model_dump(by_alias=True, exclude_none=True)
+
     def template_messages(self) -> list[dict[str, Any]]:
         """Fresh plain dicts for a chat template: text content, ``developer`` as ``system``."""
         rendered = []

@@ -349,7 +349,11 @@ def test_good_request_with_every_field_validates_and_resolves():
         ({"tool_choice": "none"}, lambda r: r.effective_tool_choice == "none"),
         ({"response_format": {"type": "json_schema",
                               "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True}}},
-         lambda r: r.response_format.json_schema.schema_ == {"type": "object"}),
+         lambda r: r.response_format_spec() == {"type": "json_schema", "json_schema": {
+             "name": "x", "schema": {"type": "object"}, "strict": True}}),
+        ({"response_format": {"type": "json_object"}},
+         lambda r: r.response_format_spec() == {"type": "json_object"}),
+        ({}, lambda r: r.response_format_spec() is None),
         ({"temperature": 0, "n": 1}, lambda r: r.temperature == 0.0),
         ({"temperature": 2, "top_p": 1, "top_logprobs": 0}, lambda r: r.temperature == 2.0),
         ({"logprobs": True, "top_logprobs": 20}, lambda r: r.top_logprobs == 20),
