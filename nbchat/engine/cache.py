@@ -1,0 +1,120 @@
+"""The KV cache: fixed-shape device buffers sized in capacity buckets, and the host-side helpers
+that decide a capacity and which cached tokens a new prompt can reuse.
+
+Shapes are static under jit, so the cache has one capacity per bucket (256, 384, 512, 768, 1024, ...
+capped at the model's context) and grows or shrinks by copying into a buffer of another bucket.
+Attention reads every slot of the capacity each token, so the engine keeps the smallest bucket that
+fits the conversation. Which slots hold real tokens is a traced length, never a Python int (a Python
+int would compile one program per value).
+
+This module holds no model math: ``model.forward`` writes new entries with ``write_layer`` and
+attends over the buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nbchat.engine.config import ModelConfig
+
+# The smallest capacity: below it attention is already cheap next to the weight reads, and fewer
+# buckets means fewer compiled programs.
+MIN_CAPACITY = 256
+
+
+class KVCache(NamedTuple):
+    """Keys and values, one buffer per layer. Slot s holds the token at position s.
+
+    One buffer per layer (not one [L, ...] array) so each layer's update is an in-place
+    dynamic_update_slice on its own donated buffer and attention reads the buffer directly; a layer
+    slice of a stacked array costs XLA:CPU a copy before every matmul. The capacity axis sits after
+    the head axis so each head's keys are contiguous for the attention matmuls.
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, Hkv, C, hd]
+    v: tuple[jax.Array, ...]  # L x [B, Hkv, C, hd]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+
+def capacity_buckets(context_length: int) -> tuple[int, ...]:
+    """The capacities a cache may have for a model: MIN_CAPACITY, then steps of alternately x1.5
+    and x4/3 (256, 384, 512, 768, 1024, ...), the last one capped at the context length.
+
+    Steps of 1.5 rather than 2 keep the unused part of the attention read under a third, for a
+    couple more compiled decode programs over a long conversation.
+    """
+    buckets = []
+    capacity = MIN_CAPACITY
+    while capacity < context_length:
+        buckets.append(capacity)
+        capacity = capacity * 3 // 2 if (capacity & (capacity - 1)) == 0 else capacity * 4 // 3
+    buckets.append(context_length)
+    return tuple(buckets)
+
+
+def capacity_for(n_slots: int, context_length: int) -> int:
+    """The smallest capacity bucket holding ``n_slots`` slots."""
+    if n_slots > context_length:
+        raise ValueError(f"{n_slots} cache slots exceed the context length {context_length}")
+    return next(c for c in capacity_buckets(context_length) if c >= n_slots)
+
+
+def empty_cache(
+    config: ModelConfig, batch_size: int, capacity: int, dtype: jnp.dtype = jnp.float32
+) -> KVCache:
+    shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+    layers = range(config.num_layers)
+    return KVCache(
+        tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers)
+    )
+
+
+@jax.jit(static_argnames="capacity", donate_argnames="cache")
+def _resized(cache: KVCache, capacity: int) -> KVCache:
+    def resize(buffer: jax.Array) -> jax.Array:  # [B, Hkv, C_old, hd] -> [B, Hkv, C_new, hd]
+        kept = buffer[:, :, :capacity]
+        return jnp.pad(kept, ((0, 0), (0, 0), (0, capacity - kept.shape[2]), (0, 0)))
+
+    return jax.tree.map(resize, cache)
+
+
+def resized(cache: KVCache, capacity: int) -> KVCache:
+    """A cache of another capacity holding the first min(old, new) slots of ``cache``, which is
+    consumed (its buffers are donated)."""
+    if capacity == cache.capacity:
+        return cache
+    return _resized(cache, capacity)
+
+
+def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Store T new entries of one layer at slots [start, start + T).
+
+    buffer: [B, Hkv, C, hd]; new: [B, Hkv, T, hd]; start: [] int. In place on a donated buffer.
+    The caller guarantees start + T <= C: dynamic_update_slice would otherwise clamp the start and
+    silently write the wrong slots.
+    """
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(
+        buffer, new.astype(buffer.dtype), (zero, zero, start.astype(jnp.int32), zero)
+    )
+
+
+def common_prefix_length(cached_ids: Sequence[int], prompt_ids: Sequence[int]) -> int:
+    """How many leading tokens of ``prompt_ids`` already sit in the cache."""
+    n = 0
+    for cached, new in zip(cached_ids, prompt_ids, strict=False):
+        if cached != new:
+            break
+        n += 1
+    return n
