@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -54,11 +55,10 @@ COMMANDS_HELP = """\
   model [NAME]            show the default model, or make NAME the default and load it
   models                  models in the registry, in the cache and loaded in this kernel
   set KEY=VALUE ...       make a setting the conversation's default (VALUE none removes it); keys:
-                          {settings},
-                          system, conversation
+{setting_keys}
   settings                every setting, its value and where it comes from
-  system [TEXT]           show or set the conversation's system prompt
-  prompt                  the exact templated prompt of the conversation and its token count
+  system [-c NAME] [TEXT] show or set the conversation's system prompt
+  prompt                  the exact templated prompt of the last reply and its token count
   save FILE / load FILE   write / read the conversation as JSON
   conversations           list the conversations
   help                    this text
@@ -75,7 +75,13 @@ def _cell_grammar_help() -> str:
     return doc[doc.index("Role headers") :].strip() if "Role headers" in doc else doc
 
 
-HELP_EPILOG = COMMANDS_HELP.format(settings=", ".join(SETTINGS)) + "\n" + _cell_grammar_help()
+_SETTING_KEYS = textwrap.fill(
+    ", ".join((*SETTINGS, "system", "conversation")),
+    width=100,
+    initial_indent=" " * 26,
+    subsequent_indent=" " * 26,
+)
+HELP_EPILOG = COMMANDS_HELP.format(setting_keys=_SETTING_KEYS) + "\n" + _cell_grammar_help()
 
 
 @dataclass(repr=False)
@@ -501,6 +507,9 @@ class ChatMagics(Magics):
         except NbchatError as error:
             view.discard()
             raise UsageError(str(error)) from None
+        except Exception:
+            view.discard()
+            raise
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -637,11 +646,7 @@ class ChatMagics(Magics):
             raise UsageError("%chat model takes one model name (quote a path with spaces)")
         if not words:
             engine = _ENGINES.get((self.model, self.dtype))
-            state = (
-                _engine_summary(engine)
-                if engine
-                else "not loaded yet: it loads on the first chat"
-            )
+            state = _engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
             print(f"Default model: {self.model} ({state})")
             return
         self._engine(words[0])
@@ -724,8 +729,14 @@ class ChatMagics(Magics):
         render.show(markdown, text)
 
     def _cmd_system(self, rest: str) -> None:
-        text = rest.strip()
-        conversation = self._conversation(self.current)
+        name = None
+        words = rest.split(None, 2)
+        if words and words[0] in ("-c", "--conversation"):
+            if len(words) < 2:
+                raise UsageError(f"{words[0]} needs a conversation name")
+            name, rest = words[1], (words[2] if len(words) > 2 else "")
+        conversation = self._conversation(name)
+        text = rest.strip()  # the raw rest of the line: apostrophes and quotes are part of the prompt
         if not text:
             current = conversation.system or self.system_prompt
             print(f"System prompt of {conversation.name!r}: {current!r}" if current else "No system prompt.")
@@ -734,12 +745,14 @@ class ChatMagics(Magics):
         print(f"System prompt of {conversation.name!r} set.")
 
     def _cmd_prompt(self, rest: str) -> None:
+        """The prompt that produced the last reply, exactly as the model read it."""
         conversation, words = self._target(rest)
         self._no_arguments("prompt", words)
-        messages = conversation.messages(default_system=self.system_prompt)
-        if not messages:
-            raise UsageError(f"conversation {conversation.name!r} is empty: there is no prompt to show yet")
-        model = self._settings(conversation, {})["model"]
+        last = conversation.last()
+        messages = conversation.request_messages(
+            len(conversation) - 1, last, default_system=self.system_prompt
+        )
+        model = last.model or self._settings(conversation, {})["model"]
         self._show_prompt(self._engine(model), messages)
 
     def _cmd_save(self, rest: str) -> None:
