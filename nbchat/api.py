@@ -256,14 +256,13 @@ class Engine:
         self._check_model_name(request, loaded)
         plan = plan_generation(request, loaded)
         self._check_logit_bias(request, loaded)
+        samplings = [self._sampling(request, index) for index in range(request.n or 1)]
         _, prompt_ids = self._prompt(request, loaded, tools=plan.template_tools)
-        max_new_tokens = self._completion_budget(request, len(prompt_ids))
+        job = _Job(request, loaded, plan, prompt_ids, self._completion_budget(request, len(prompt_ids)),
+                   samplings)
         if request.stream:
-            chunks = self._chunks(request, loaded, plan, prompt_ids, max_new_tokens,
-                                  include_usage=request.include_usage)
-            return ChatCompletionStream(chunks)
-        chunks = self._chunks(request, loaded, plan, prompt_ids, max_new_tokens, include_usage=True)
-        return _collect(chunks, logprobs=bool(request.logprobs))
+            return ChatCompletionStream(self._chunks(job, include_usage=request.include_usage))
+        return _collect(self._chunks(job, include_usage=True), logprobs=bool(request.logprobs))
 
     def _check_model_name(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
         names = {self.model, loaded.name, str(loaded.source.path), loaded.source.path.name}
@@ -313,9 +312,8 @@ class Engine:
             finally:
                 self._generation_thread = None
 
-    def _chunks(self, request: ChatCompletionRequest, loaded: LoadedModel, plan: GenerationPlan,
-                prompt_ids: list[int], max_new_tokens: int, *, include_usage: bool,
-                ) -> Iterator[ChatCompletionChunk]:
+    def _chunks(self, job: _Job, *, include_usage: bool) -> Iterator[ChatCompletionChunk]:
+        loaded, prompt_ids = job.loaded, job.prompt_ids
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         fingerprint = _system_fingerprint(loaded)
@@ -326,9 +324,9 @@ class Engine:
 
         completion_tokens = 0
         with self._generation_slot():
-            for index in range(request.n or 1):
+            for index in range(len(job.samplings)):
                 yield chunk([ChunkChoice(index=index, delta=ChoiceDelta(role="assistant", content=""))])
-                choice = _ChoiceRun(self, request, loaded, plan, prompt_ids, max_new_tokens, index)
+                choice = _ChoiceRun(self, job, index)
                 for delta, logprobs in choice.deltas():
                     yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
                 completion_tokens += choice.completion_tokens
@@ -340,10 +338,12 @@ class Engine:
             yield chunk([], usage)
 
     def _sampling(self, request: ChatCompletionRequest, choice_index: int) -> SamplingParams:
+        """The sampler settings of one choice (seed + index), checked by the engine's own rules."""
         from nbchat.engine.generate import SamplingParams
+        from nbchat.engine.sampling import validate
 
         seed = None if request.seed is None else _wrap_int64(request.seed + choice_index)
-        return SamplingParams(
+        params = SamplingParams(
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=request.top_k or 0,
@@ -355,6 +355,8 @@ class Engine:
             seed=seed,
             top_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
         )
+        validate(params, self._loaded.config.vocab_size)
+        return params
 
     def _token_logprob(self, event: TokenEvent) -> TokenLogprob:
         token_bytes = self._token_bytes
@@ -370,17 +372,24 @@ class Engine:
         )
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A validated request, ready to generate: everything checked, nothing computed yet."""
+
+    request: ChatCompletionRequest
+    loaded: LoadedModel
+    plan: GenerationPlan
+    prompt_ids: list[int]
+    max_new_tokens: int
+    samplings: list[SamplingParams]  # one per choice
+
+
 class _ChoiceRun:
     """One choice's generation: token events -> text -> stop strings -> deltas with their logprobs."""
 
-    def __init__(self, engine: Engine, request: ChatCompletionRequest, loaded: LoadedModel,
-                 plan: GenerationPlan, prompt_ids: list[int], max_new_tokens: int, index: int):
+    def __init__(self, engine: Engine, job: _Job, index: int):
         self._engine = engine
-        self._request = request
-        self._loaded = loaded
-        self._plan = plan
-        self._prompt_ids = prompt_ids
-        self._max_new_tokens = max_new_tokens
+        self._job = job
         self._index = index
         self.completion_tokens = 0
         self.finish_reason: FinishReason = "length"
@@ -388,12 +397,13 @@ class _ChoiceRun:
     def deltas(self) -> Iterator[tuple[ChoiceDelta, ChoiceLogprobs | None]]:
         from nbchat.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 
-        request, loaded = self._request, self._loaded
+        job = self._job
+        request, loaded = job.request, job.loaded
         continuing = request.continue_final_message
-        context_ids = self._prompt_ids[-_CONTEXT_IDS_FOR_CONTINUATION:] if continuing else ()
+        context_ids = job.prompt_ids[-_CONTEXT_IDS_FOR_CONTINUATION:] if continuing else ()
         detokenizer = IncrementalDetokenizer(loaded.tokenizer.backend_tokenizer, context_ids=context_ids)
         stop_strings = StopStringMatcher(request.stop_strings)
-        output = self._plan.new_output()
+        output = job.plan.new_output()
         pending_logprobs: list[TokenLogprob] = []  # of tokens whose text is not shown yet
 
         def emit(deltas: list[dict[str, Any]]) -> Iterator[tuple[ChoiceDelta, ChoiceLogprobs | None]]:
@@ -405,11 +415,11 @@ class _ChoiceRun:
                 yield ChoiceDelta(**delta), logprobs
 
         events = self._engine._generator.generate(
-            self._prompt_ids,
-            self._engine._sampling(request, self._index),
-            max_new_tokens=self._max_new_tokens,
+            job.prompt_ids,
+            job.samplings[self._index],
+            max_new_tokens=job.max_new_tokens,
             stop_ids=loaded.stop_ids,
-            constraint=self._plan.new_constraint(),
+            constraint=job.plan.new_constraint(),
         )
         try:
             for event in events:

@@ -74,7 +74,7 @@ _FIELD_HINTS = {
     "min_p": "Use a number from 0 to 1 (0 = off).",
     "frequency_penalty": "Use a number from -2 to 2.",
     "presence_penalty": "Use a number from -2 to 2.",
-    "repetition_penalty": "Use a number greater than 0 (1 = off).",
+    "repetition_penalty": "Use a number greater than 0 and at most 100 (1 = off).",
     "max_tokens": "Use an integer >= 1, or leave it out to generate until the end of the reply.",
     "max_completion_tokens": "Use an integer >= 1, or leave it out to generate until the end of the reply.",
     "n": f"Use an integer from 1 to {MAX_CHOICES}.",
@@ -569,7 +569,7 @@ class ChatCompletionRequest(_RequestModel):
     stop: tuple[str, ...] | None = None
     frequency_penalty: _float_in(-2.0, 2.0) | None = None
     presence_penalty: _float_in(-2.0, 2.0) | None = None
-    repetition_penalty: _float_in(above=0.0) | None = None
+    repetition_penalty: _float_in(None, 100.0, above=0.0) | None = None
     logit_bias: dict[int, _float_in(-100.0, 100.0)] | None = None
     n: _int_in(1, MAX_CHOICES) | None = None
     logprobs: StrictBool | None = None

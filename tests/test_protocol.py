@@ -154,6 +154,7 @@ BAD_REQUESTS = [
     ("frequency-penalty-high", {"messages": USER, "frequency_penalty": 3}, "frequency_penalty", "-2 to 2"),
     ("presence-penalty-low", {"messages": USER, "presence_penalty": -3}, "presence_penalty", "-2 to 2"),
     ("repetition-penalty-zero", {"messages": USER, "repetition_penalty": 0}, "repetition_penalty", "greater"),
+    ("repetition-penalty-high", {"messages": USER, "repetition_penalty": 101}, "repetition_penalty", "100"),
     ("repetition-penalty-inf", {"messages": USER, "repetition_penalty": float("inf")}, "repetition_penalty",
      "finite"),
     ("seed-float", {"messages": USER, "seed": 1.5}, "seed", "integer"),
