@@ -118,10 +118,18 @@ def _converse(engine, turns: Iterable[str], args: argparse.Namespace, messages: 
         messages.append({"role": "assistant", "content": reply})
 
 
-def run_chat(args: argparse.Namespace) -> None:
+def _load_engine(args: argparse.Namespace):
+    """Load the model before the first prompt, so its progress bars never mix with a reply."""
     from nbchat.api import Engine
 
-    engine = Engine(args.model, dtype=args.dtype)
+    engine = Engine(args.model, dtype=args.dtype).load()
+    info = engine.model_info
+    print(f"{info.name}: {info.dtype} on {info.device}, context {info.context_length}", file=sys.stderr)
+    return engine
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    engine = _load_engine(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     def prompts():
@@ -139,9 +147,7 @@ def run_chat(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from nbchat.api import Engine
-
-    engine = Engine(args.model, dtype=args.dtype)
+    engine = _load_engine(args)
     messages: list[dict] = []
     for turn in DEMO_TURNS:
         print(f"\nuser> {turn}\nassistant> ", end="", flush=True)
