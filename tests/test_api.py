@@ -281,6 +281,28 @@ def test_logprobs_are_sane(engine):
     assert text_bytes.decode("utf-8", errors="replace") == response.choices[0].message.content
 
 
+def test_sampled_token_logprob_matches_its_entry_among_the_alternatives(engine):
+    response = create(engine, max_tokens=12, temperature=1.0, seed=5, logprobs=True, top_logprobs=20)
+    found = 0
+    for entry in response.choices[0].logprobs.content:
+        same = [alt for alt in entry.top_logprobs if alt.token == entry.token and alt.bytes == entry.bytes]
+        if same:
+            found += 1
+            assert same[0].logprob == pytest.approx(entry.logprob)
+        else:  # a sampled token outside the top 20 is less likely than all of them
+            assert entry.logprob <= entry.top_logprobs[-1].logprob
+    assert found
+
+
+def test_logprobs_are_never_infinite():
+    from nbchat.api import _finite_logprob
+
+    assert _finite_logprob(float("-inf")) == -9999.0
+    assert _finite_logprob(float("nan")) == -9999.0
+    assert _finite_logprob(-12345.0) == -9999.0
+    assert _finite_logprob(-0.25) == -0.25
+
+
 def test_logprobs_without_top_logprobs(engine):
     response = create(engine, max_tokens=4, logprobs=True, **GREEDY)
     assert all(entry.top_logprobs == [] for entry in response.choices[0].logprobs.content)
@@ -305,6 +327,8 @@ def test_closing_the_stream_early_stops_and_frees_the_engine(engine):
     with pytest.raises(EngineBusyError, match="close"):  # still open in this thread
         create(engine, max_tokens=2, **GREEDY)
     stream.close()
+    prompt_tokens = len(engine.render_prompt(USER)[1])
+    assert engine._generator.cached_token_count <= prompt_tokens + 3  # no token after the close
     with pytest.raises(StopIteration):
         next(stream)
     assert create(engine, max_tokens=2, **GREEDY).usage.completion_tokens == 2
