@@ -84,6 +84,10 @@ class ChoiceOutput(Protocol):
 
     def finish(self) -> list[dict[str, Any]]: ...
 
+    def finish_reason(self, ended_by: FinishReason) -> FinishReason:
+        """The choice's finish_reason, given why generation ended ("stop" or "length")."""
+        ...
+
 
 class TextOutput:
     """Plain text: every piece of text is a content delta."""
@@ -93,6 +97,9 @@ class TextOutput:
 
     def finish(self) -> list[dict[str, Any]]:
         return []
+
+    def finish_reason(self, ended_by: FinishReason) -> FinishReason:
+        return ended_by
 
 
 @dataclass(frozen=True)
@@ -438,6 +445,7 @@ class _ChoiceRun:
             events.close()  # stops the Generator at once when the caller stops early
         yield from emit(output.feed(stop_strings.flush()))
         yield from emit(output.finish())
+        self.finish_reason = output.finish_reason(self.finish_reason)
 
 
 class ChatCompletionStream(Iterator[ChatCompletionChunk]):
