@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from nbchat.notebook.render import INTERRUPTED_TEXT
 
 pytestmark = pytest.mark.integration
 
@@ -19,10 +22,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "nbchat-test-python"
 
 
-def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
+def kernel_manager(workdir: Path):
+    """A KernelManager for an IPython kernel running this interpreter."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
-    from nbclient import NotebookClient
 
     kernel_dir = workdir / "kernels" / KERNEL_NAME
     kernel_dir.mkdir(parents=True, exist_ok=True)
@@ -33,9 +36,16 @@ def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
     }
     (kernel_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
     specs = KernelSpecManager(kernel_dirs=[str(workdir / "kernels")])
-    kernel = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
+    return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
+
+
+def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(notebook, km=kernel, timeout=600, resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        notebook, km=kernel_manager(workdir), timeout=600, resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute()
     return notebook
 
@@ -140,3 +150,64 @@ def test_sampling_runs_without_errors(sampling):
 )
 def test_sampling_notebook_findings(sampling, check, expected):
     assert printed(cell_by_source(sampling, check)).strip() == expected
+
+
+def test_kernel_interrupt_stops_the_reply_keeps_it_marked_and_the_next_chat_works(tmp_path):
+    """A real SIGINT (the Stop button) in the middle of a long reply."""
+    manager = kernel_manager(tmp_path)
+    manager.start_kernel(cwd=str(tmp_path))
+    client = manager.client()
+    client.start_channels()
+    client.wait_for_ready(timeout=120)
+
+    def run(code: str, *, interrupt_after_updates: int | None = None) -> tuple[list[dict], str, float]:
+        """Execute ``code``; returns its iopub messages, the reply status and, when it sent an
+        interrupt, the seconds from the interrupt to the kernel going idle."""
+        msg_id = client.execute(code)
+        messages, updates, interrupted_at = [], 0, None
+        while True:
+            message = client.get_iopub_msg(timeout=300)
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            messages.append(message)
+            kind, content = message["msg_type"], message["content"]
+            if kind == "update_display_data":
+                updates += 1
+                if updates == interrupt_after_updates:
+                    interrupted_at = time.perf_counter()
+                    manager.interrupt_kernel()
+            if kind == "status" and content["execution_state"] == "idle":
+                break
+        status = client.get_shell_msg(timeout=60)["content"]["status"]
+        return messages, status, (time.perf_counter() - interrupted_at) if interrupted_at else 0.0
+
+    try:
+        assert run("%load_ext nbchat\n%config ChatMagics.temperature = 0.0")[1] == "ok"
+        assert run("%%chat --max-tokens 4\nHi")[1] == "ok"  # loads and compiles first
+        messages, status, stop_seconds = run(
+            "%%chat --max-tokens 400\nWrite a very long story about a dragon.", interrupt_after_updates=2
+        )
+        assert status == "ok"  # the cell ends cleanly: no KeyboardInterrupt traceback
+        assert not [m for m in messages if m["msg_type"] == "error"]
+        assert stop_seconds < 2.0
+        final = [m for m in messages if m["msg_type"] == "update_display_data"][-1]["content"]
+        assert final["data"]["text/plain"].endswith(INTERRUPTED_TEXT)
+        assert final["metadata"]["nbchat"]["interrupted"] is True
+        partial = final["data"]["text/plain"][: -len(INTERRUPTED_TEXT)].rstrip()
+        assert partial and len(partial.split()) < 100
+
+        history, status, _ = run("%chat history")
+        transcript = next(m for m in history if m["msg_type"] == "display_data")["content"]["data"][
+            "text/plain"
+        ]
+        assert transcript.endswith(f"assistant: {partial} {INTERRUPTED_TEXT}")
+
+        follow_up, status, _ = run("%%chat --max-tokens 8\nThanks")
+        assert status == "ok"
+        result = next(m for m in follow_up if m["msg_type"] == "execute_result")["content"]["data"][
+            "text/plain"
+        ]
+        assert result.startswith("ChatReply(conversation='default', turn=2,")
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
