@@ -216,12 +216,15 @@ def test_reply_streams_through_one_display_and_ends_as_markdown_with_metadata(ch
 
 
 def test_redraws_are_throttled_to_about_fifteen_a_second(chat):
+    chat.run("%%chat --max-tokens 40\nCount")  # compiles the shapes this length needs
+    chat.outputs.clear()
     started = time.perf_counter()
     reply = chat.run("%%chat --max-tokens 40\nCount").result
     elapsed = time.perf_counter() - started
     partial_redraws = len(chat.outputs) - 2  # minus the placeholder and the final render
     assert partial_redraws <= 15 * elapsed + 1
-    assert partial_redraws <= reply.usage["completion_tokens"]
+    if elapsed < 1.0:  # tokens came faster than redraws may: throttling must have skipped some
+        assert partial_redraws < reply.usage["completion_tokens"]
 
 
 def test_result_object_carries_text_messages_usage_and_its_repr_does_not_repeat_the_reply(chat):

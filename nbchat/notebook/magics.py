@@ -29,7 +29,7 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from traitlets import Bool, Enum, Float, Int, List, Unicode
 
 from nbchat.conversation import Conversation, ConversationError, Turn
-from nbchat.errors import InvalidRequestError, ModelNotFoundError, NbchatError, UnsupportedModelError
+from nbchat.errors import InvalidRequestError, NbchatError
 from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import cells, render
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
@@ -528,7 +528,7 @@ class ChatMagics(Magics):
         options = {"dtype": self.dtype} if self.dtype else {}
         try:
             engine = Engine(model=model, **options).load()
-        except (ModelNotFoundError, UnsupportedModelError, InvalidRequestError) as error:
+        except (NbchatError, OSError) as error:
             raise UsageError(f"cannot load model {model!r}: {error}") from None
         _ENGINES[key] = engine
         print(_engine_summary(engine, time.perf_counter() - started), flush=True)
