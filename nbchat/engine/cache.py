@@ -80,7 +80,7 @@ def empty_cache(
     )
 
 
-@jax.jit(static_argnames="capacity", donate_argnames="cache")
+@jax.jit(static_argnames="capacity")
 def _resized(cache: KVCache, capacity: int) -> KVCache:
     def resize(buffer: jax.Array) -> jax.Array:  # [B, Hkv, C_old, hd] -> [B, Hkv, C_new, hd]
         kept = buffer[:, :, :capacity]
@@ -90,8 +90,8 @@ def _resized(cache: KVCache, capacity: int) -> KVCache:
 
 
 def resized(cache: KVCache, capacity: int) -> KVCache:
-    """A cache of another capacity holding the first min(old, new) slots of ``cache``, which is
-    consumed (its buffers are donated)."""
+    """A cache of another capacity holding the first min(old, new) slots of ``cache`` (a copy: the
+    buffers change shape, so they cannot be donated)."""
     if capacity == cache.capacity:
         return cache
     return _resized(cache, capacity)

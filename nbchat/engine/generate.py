@@ -14,8 +14,9 @@ Knows nothing of chat templates, text or OpenAI's wire format.
 
 from __future__ import annotations
 
+import functools
 import secrets
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,34 +87,25 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
     return chunks
 
 
-class _Step:
-    """The one jitted program behind prefill and decode: run T tokens through the model at slots
-    [cache_len, cache_len + T), then sample from the logits of token ``n_real - 1``. Compiled once
-    per (T, cache capacity); the cache is donated so XLA updates it in place."""
+@functools.lru_cache(maxsize=8)
+def step_program(config: ModelConfig) -> Callable:
+    """The one jitted program behind prefill and decode, shared by every Generator of a config.
 
-    def __init__(self, config: ModelConfig):
-        self._config = config
-        self.jitted = jax.jit(
-            self._run, donate_argnames=("cache",), compiler_options=model.compiler_options()
-        )
+    ``(params, cache, token_ids [B, T] int32, cache_len [] int32, n_real [] int32, state, settings,
+    allowed_bits [B, ceil(V / 32)] int32) -> (cache, state, Sample)``: run T tokens through the model
+    at slots [cache_len, cache_len + T), then sample from the logits of token ``n_real - 1``.
+    Compiled once per (T, cache capacity); the cache is donated so XLA updates it in place.
+    """
 
-    def _run(
-        self,
-        params: dict,
-        cache: kv_cache.KVCache,
-        token_ids: jax.Array,  # [B, T] int32
-        cache_len: jax.Array,  # [] int32
-        n_real: jax.Array,  # [] int32, real (unpadded) tokens in this chunk
-        state: sampling.SamplerState,
-        settings: sampling.SamplingArrays,
-        allowed_bits: jax.Array,  # [B, ceil(V / 32)] int32
-    ) -> tuple[kv_cache.KVCache, sampling.SamplerState, sampling.Sample]:
+    def run(params, cache, token_ids, cache_len, n_real, state, settings, allowed_bits):
         B, T = token_ids.shape
         positions = cache_len + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         logits_at = jnp.full((B,), n_real - 1, jnp.int32)
-        logits, cache = model.forward(params, self._config, token_ids, positions, cache, cache_len, logits_at)
+        logits, cache = model.forward(params, config, token_ids, positions, cache, cache_len, logits_at)
         result, state = sampling.sample(logits, state, settings, allowed_bits)
         return cache, state, result
+
+    return jax.jit(run, donate_argnums=1, compiler_options=model.compiler_options())
 
 
 class Generator:
@@ -123,7 +115,7 @@ class Generator:
         jax_setup.enable_persistent_compilation_cache()
         self._config = config
         self._params = model.unstack_layers(params)
-        self._step = _Step(config)
+        self._program = step_program(config)
         self._mask_words = -(-config.vocab_size // 32)
         self._all_allowed = jnp.full((1, self._mask_words), -1, jnp.int32)
         self._no_bias = jnp.zeros((1, config.vocab_size), jnp.float32)
@@ -132,6 +124,7 @@ class Generator:
         self._cache: kv_cache.KVCache | None = None
         self._cached_ids: list[int] = []
         self._generation = 0  # bumped by each generate(); an older iterator may not resume
+        self.last_reused_tokens = 0  # prompt tokens the last generation took from the cache
 
     @property
     def config(self) -> ModelConfig:
@@ -246,6 +239,7 @@ class Generator:
 
         # Reuse the cached prefix, but prefill at least one token: its logits give the first sample.
         reused = min(kv_cache.common_prefix_length(self._cached_ids, prompt), len(prompt) - 1)
+        self.last_reused_tokens = reused
         chunks = plan_prefill(reused, len(prompt), context)
         needed = max(
             max(start + padded for start, padded, _ in chunks),
@@ -262,7 +256,7 @@ class Generator:
             tokens[0, :real] = prompt[start : start + real]
             bits = self._allowed_bits(constraint) if last else self._all_allowed
             cache = self._take_cache()
-            cache, state, result = self._step.jitted(
+            cache, state, result = self._program(
                 self._params, cache, tokens, np.int32(start), np.int32(real), initial_state, settings, bits
             )
             in_cache = prompt[: start + real]
@@ -283,7 +277,7 @@ class Generator:
                 self._keep_cache(cache, list(in_cache))
             bits = self._allowed_bits(constraint)
             cache = self._take_cache()
-            cache, state, result = self._step.jitted(
+            cache, state, result = self._program(
                 self._params,
                 cache,
                 result.token_ids[:, None],

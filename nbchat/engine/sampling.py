@@ -247,6 +247,7 @@ def sample(
     logits: jax.Array, state: SamplerState, settings: SamplingArrays, allowed_bits: jax.Array
 ) -> tuple[Sample, SamplerState]:
     """Process ``logits`` [B, V], pick one token per row, and advance the sampler state."""
+    state = SamplerState(*(jnp.asarray(part) for part in state))
     processed = process_logits(logits, state, settings, allowed_bits)
     key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl="threefry2x32"))
     token_ids, candidate_ids, candidate_logits = choose(processed, step_key, settings)

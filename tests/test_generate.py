@@ -1,0 +1,313 @@
+"""The Generator on a tiny random-weight model: greedy tokens are the full forward's argmax, prefix
+reuse and cache growth change nothing, settings never recompile, and stopping, closing or
+interrupting a generation at any point leaves the engine usable."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nbchat.engine import model
+from nbchat.engine.config import ModelConfig
+from nbchat.engine.generate import Generator, SamplingParams, TokenEvent, plan_prefill, step_program
+from nbchat.errors import ContextLengthError, InvalidRequestError
+
+TINY = ModelConfig(
+    architecture="llama",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    context_length=1024,
+    tie_word_embeddings=True,
+)
+GREEDY = SamplingParams(temperature=0.0)
+full_forward = jax.jit(model.forward, static_argnums=1)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_random_params(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def generator(params):
+    return Generator(TINY, params)
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(0, TINY.vocab_size, n).tolist()
+
+
+def token_ids(events: list[TokenEvent]) -> list[int]:
+    return [event.token_id for event in events]
+
+
+def reference_log_probs(params, prompt_ids: list[int], generated: list[int]) -> np.ndarray:
+    """Teacher forcing: log_softmax of the full (cache-free) forward at the positions that
+    predicted each generated token -> [len(generated), V]."""
+    sequence = np.array([prompt_ids + generated], np.int32)
+    logits, _ = full_forward(params, TINY, sequence, np.arange(sequence.shape[1], dtype=np.int32)[None])
+    predicting = np.asarray(logits[0, len(prompt_ids) - 1 : -1])
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(predicting), axis=-1))
+
+
+def assert_greedy_matches_reference(params, prompt_ids, events):
+    generated = token_ids(events)
+    expected = reference_log_probs(params, prompt_ids, generated)
+    assert generated == expected.argmax(-1).tolist()
+    np.testing.assert_allclose([e.logprob for e in events], expected.max(-1), atol=1e-4)
+
+
+def test_greedy_tokens_are_the_argmax_of_the_full_forward(generator, params):
+    prompt_ids = prompt(20)
+    events = list(
+        generator.generate(prompt_ids, SamplingParams(temperature=0.0, top_logprobs=5), max_new_tokens=30)
+    )
+    assert len(events) == 30
+    assert_greedy_matches_reference(params, prompt_ids, events)
+    expected = reference_log_probs(params, prompt_ids, token_ids(events))
+    first = events[0].top_logprobs
+    assert [t for t, _ in first] == np.argsort(-expected[0])[:5].tolist()
+    np.testing.assert_allclose([lp for _, lp in first], np.sort(expected[0])[::-1][:5], atol=1e-4)
+
+
+def test_prefix_reuse_gives_the_same_tokens_and_logprobs_as_a_fresh_prefill(generator, params):
+    first_prompt = prompt(25, seed=2)
+    reply = token_ids(list(generator.generate(first_prompt, GREEDY, max_new_tokens=10)))
+    follow_up = first_prompt + reply + prompt(7, seed=3)
+    reused = list(generator.generate(follow_up, GREEDY, max_new_tokens=12))
+    # the last reply token was sampled but never fed back, so it is not in the cache
+    assert generator.last_reused_tokens == len(first_prompt) + len(reply) - 1
+    fresh_engine = Generator(TINY, params)
+    fresh = list(fresh_engine.generate(follow_up, GREEDY, max_new_tokens=12))
+    assert fresh_engine.last_reused_tokens == 0
+    assert token_ids(reused) == token_ids(fresh)
+    np.testing.assert_allclose([e.logprob for e in reused], [e.logprob for e in fresh], atol=1e-4)
+    assert_greedy_matches_reference(params, follow_up, reused)
+
+
+def test_the_same_prompt_again_reuses_all_but_one_token(generator):
+    prompt_ids = prompt(30, seed=4)
+    first = token_ids(list(generator.generate(prompt_ids, GREEDY, max_new_tokens=5)))
+    again = token_ids(list(generator.generate(prompt_ids, GREEDY, max_new_tokens=5)))
+    assert generator.last_reused_tokens == len(prompt_ids) - 1
+    assert again == first
+
+
+def test_a_diverging_prompt_reuses_only_the_common_prefix(generator, params):
+    base = prompt(40, seed=5)
+    list(generator.generate(base, GREEDY, max_new_tokens=3))
+    diverged = base[:15] + prompt(10, seed=6)
+    events = list(generator.generate(diverged, GREEDY, max_new_tokens=8))
+    assert generator.last_reused_tokens == 15
+    assert_greedy_matches_reference(params, diverged, events)
+
+
+def test_the_cache_grows_during_a_long_generation_without_changing_tokens(generator, params):
+    prompt_ids = prompt(100, seed=7)
+    events = list(generator.generate(prompt_ids, GREEDY, max_new_tokens=200))
+    assert generator._cache.capacity == 384  # started at 256 (100 + 128 reserved), grew at 256
+    assert_greedy_matches_reference(params, prompt_ids, events)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks(generator, params):
+    prompt_ids = prompt(600, seed=8)
+    events = list(generator.generate(prompt_ids, GREEDY, max_new_tokens=4))
+    assert generator.last_reused_tokens == 0
+    assert_greedy_matches_reference(params, prompt_ids, events)
+
+
+def test_plan_prefill_pads_to_buckets_and_keeps_the_last_chunk_inside_the_context():
+    assert plan_prefill(5, 20, 1024) == [(5, 16, 15)]
+    assert plan_prefill(0, 530, 8192) == [(0, 512, 512), (512, 32, 18)]
+    # the last chunk would end at 1024 > 1000: it starts earlier and recomputes 24 cached tokens
+    assert plan_prefill(0, 1000, 1000) == [(0, 512, 512), (488, 512, 512)]
+    assert plan_prefill(0, 10, 12) == [(0, 12, 10)]
+
+
+def test_stop_id_is_yielded_and_ends_the_generation(generator):
+    prompt_ids = prompt(20)
+    free = token_ids(list(generator.generate(prompt_ids, GREEDY, max_new_tokens=30)))
+    stop = free[4]
+    stopped = token_ids(list(generator.generate(prompt_ids, GREEDY, max_new_tokens=30, stop_ids={stop})))
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(generator):
+    prompt_ids = prompt(20)
+
+    def run(seed):
+        settings = SamplingParams(temperature=1.0, seed=seed)
+        return token_ids(list(generator.generate(prompt_ids, settings, max_new_tokens=20)))
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+    assert len(run(None)) == 20
+
+
+def test_changing_sampling_settings_never_recompiles(generator):
+    prompt_ids = prompt(20)
+    list(generator.generate(prompt_ids, SamplingParams(), max_new_tokens=3))
+    compiled = step_program(TINY)._cache_size()
+    variants = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.3, top_p=0.8, top_k=10, min_p=0.1, seed=1),
+        SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.2, seed=2),
+        SamplingParams(logit_bias={3: 50.0, 4: -100.0}, top_logprobs=20, seed=3),
+    ]
+    for settings in variants:
+        events = list(generator.generate(prompt_ids, settings, max_new_tokens=3))
+        assert len(events) == 3 and len(events[0].top_logprobs) == settings.top_logprobs
+    assert step_program(TINY)._cache_size() == compiled
+
+
+def test_logit_bias_forces_a_token(generator):
+    events = list(
+        generator.generate(prompt(20), SamplingParams(logit_bias={77: 100.0}, seed=0), max_new_tokens=5)
+    )
+    assert token_ids(events) == [77] * 5
+
+
+def test_frequency_penalty_reduces_repeats(generator):
+    prompt_ids = prompt(10, seed=9)
+
+    def most_repeated(settings):
+        tokens = token_ids(list(generator.generate(prompt_ids, settings, max_new_tokens=60)))
+        return np.bincount(tokens).max()
+
+    plain = most_repeated(GREEDY)
+    penalized = most_repeated(SamplingParams(temperature=0.0, frequency_penalty=2.0))
+    assert plain > 10  # this random model falls into a loop
+    assert penalized < plain / 2
+
+
+class AllowOnly:
+    """A TokenConstraint allowing a fixed set of tokens; records what it saw."""
+
+    def __init__(self, allowed: list[int], interrupt_at: int | None = None):
+        words = np.zeros(-(-TINY.vocab_size // 32), np.uint32)
+        for token in allowed:
+            words[token // 32] |= np.uint32(1) << np.uint32(token % 32)
+        self.mask = words.view(np.int32)
+        self.interrupt_at = interrupt_at
+        self.mask_calls = 0
+        self.advanced: list[int] = []
+
+    def allowed_bitmask(self):
+        self.mask_calls += 1
+        if self.mask_calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return self.mask
+
+    def advance(self, token_id: int) -> None:
+        self.advanced.append(token_id)
+
+
+def test_a_constraint_restricts_every_token_and_sees_each_one(generator):
+    allowed = [5, 9, 130, 255]
+    constraint = AllowOnly(allowed)
+    events = token_ids(
+        list(generator.generate(prompt(20), SamplingParams(seed=3), max_new_tokens=15, constraint=constraint))
+    )
+    assert set(events) <= set(allowed)
+    assert constraint.advanced == events
+    assert constraint.mask_calls == 15
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "param"),
+    [
+        (lambda g: g.generate([], GREEDY, max_new_tokens=5), InvalidRequestError, "messages"),
+        (lambda g: g.generate([1, 256], GREEDY, max_new_tokens=5), InvalidRequestError, "messages"),
+        (lambda g: g.generate([1] * 1000, GREEDY, max_new_tokens=25), ContextLengthError, "messages"),
+        (lambda g: g.generate([1, 2], GREEDY, max_new_tokens=0), InvalidRequestError, "max_tokens"),
+        (
+            lambda g: g.generate([1, 2], SamplingParams(temperature=-1), max_new_tokens=5),
+            InvalidRequestError,
+            "temperature",
+        ),
+        (
+            lambda g: g.generate([1, 2], SamplingParams(top_logprobs=25), max_new_tokens=5),
+            InvalidRequestError,
+            "top_logprobs",
+        ),
+    ],
+)
+def test_bad_requests_fail_before_any_compute(generator, call, error, param):
+    with pytest.raises(error) as raised:
+        call(generator)  # not iterated: the error comes from the call itself
+    assert raised.value.param == param
+
+
+def test_context_length_error_names_the_numbers(generator):
+    with pytest.raises(ContextLengthError) as raised:
+        generator.generate([1] * 1000, GREEDY, max_new_tokens=25)
+    assert (raised.value.prompt_tokens, raised.value.completion_tokens, raised.value.context_length) == (
+        1000,
+        25,
+        1024,
+    )
+
+
+def test_closing_the_iterator_midway_leaves_the_engine_usable(generator, params):
+    events = generator.generate(prompt(20, seed=10), GREEDY, max_new_tokens=50)
+    for _ in range(3):
+        next(events)
+    events.close()
+    follow_up = prompt(30, seed=11)
+    assert_greedy_matches_reference(
+        params, follow_up, list(generator.generate(follow_up, GREEDY, max_new_tokens=10))
+    )
+
+
+def test_keyboard_interrupt_inside_the_loop_leaves_the_engine_usable(generator, params):
+    prompt_ids = prompt(20, seed=12)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in generator.generate(
+            prompt_ids, GREEDY, max_new_tokens=20, constraint=AllowOnly([1, 2, 3], 4)
+        ):
+            pass
+    events = list(generator.generate(prompt_ids, GREEDY, max_new_tokens=10))
+    assert_greedy_matches_reference(params, prompt_ids, events)
+
+
+def test_an_interrupt_during_a_step_drops_the_cache_and_the_next_generation_starts_fresh(params):
+    engine = Generator(TINY, params)
+    prompt_ids = prompt(20, seed=13)
+    list(engine.generate(prompt_ids, GREEDY, max_new_tokens=5))
+    program = engine._program
+    calls = 0
+
+    def interrupted_after_dispatch(*args):
+        nonlocal calls
+        calls += 1
+        result = program(*args)  # the cache was donated: its buffers are gone
+        if calls == 3:
+            raise KeyboardInterrupt
+        return result
+
+    engine._program = interrupted_after_dispatch
+    with pytest.raises(KeyboardInterrupt):
+        list(engine.generate(prompt_ids + [7, 8], GREEDY, max_new_tokens=10))
+    assert engine.cached_token_count == 0
+    engine._program = program
+    events = list(engine.generate(prompt_ids, GREEDY, max_new_tokens=10))
+    assert engine.last_reused_tokens == 0
+    assert_greedy_matches_reference(params, prompt_ids, events)
+
+
+def test_a_superseded_iterator_refuses_to_resume(generator):
+    first = generator.generate(prompt(20), GREEDY, max_new_tokens=10)
+    next(first)
+    second = list(generator.generate(prompt(20), GREEDY, max_new_tokens=2))
+    assert len(second) == 2
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(first)
