@@ -194,7 +194,9 @@ def test_first_chat_loads_the_model_with_a_summary_line(chat, tiny_model_dir, ca
     assert f"Loading {tiny_model_dir}" in printed
     summary = [line for line in printed.splitlines() if line.startswith("Loaded ")]
     assert len(summary) == 1
-    assert "float32" in summary[0] and "cpu" in summary[0] and "context" in summary[0]
+    assert "Compiling (first use only)..." in printed
+    assert "float32 · cpu · context" in summary[0]
+    assert "(weights" in summary[0] and "compile" in summary[0]
     chat.run("%%chat\nAgain")
     assert "Loaded " not in capsys.readouterr().out
 

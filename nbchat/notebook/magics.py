@@ -517,7 +517,8 @@ class ChatMagics(Magics):
         return outcome
 
     def _engine(self, model: str) -> Any:
-        """The shared engine for ``model``, loading it (with progress and a summary line) on first use."""
+        """The shared engine for ``model``. On first use: load it (the loader shows progress bars),
+        compile it with a two-token warm-up reply, and print a one-line summary."""
         key = (model, self.dtype)
         if key in _ENGINES:
             return _ENGINES[key]
@@ -531,7 +532,20 @@ class ChatMagics(Magics):
         except (NbchatError, OSError) as error:
             raise UsageError(f"cannot load model {model!r}: {error}") from None
         _ENGINES[key] = engine
-        print(_engine_summary(engine, time.perf_counter() - started), flush=True)
+        loaded = time.perf_counter()
+        print("Compiling (first use only)...", flush=True)
+        # Through the public API, so the programs a short chat needs are the ones compiled.
+        warm_up = engine.chat.completions.create(
+            messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0.0, stream=True
+        )
+        with warm_up:
+            for _ in warm_up:
+                pass
+        done = time.perf_counter()
+        timing = (
+            f"in {done - started:.1f} s (weights {loaded - started:.1f} s, compile {done - loaded:.1f} s)"
+        )
+        print(f"Loaded {_engine_summary(engine)} {timing}", flush=True)
         return engine
 
     def _show_prompt(self, engine: Any, messages: list[dict[str, Any]]) -> None:
@@ -782,11 +796,10 @@ class ChatMagics(Magics):
             print(f"{marker} {name}: {count} exchange{'' if count == 1 else 's'}")
 
 
-def _engine_summary(engine: Any, seconds: float | None = None) -> str:
-    """One line about a loaded engine: model, dtype, device, context length (and load time)."""
+def _engine_summary(engine: Any) -> str:
+    """One line about a loaded engine: model, dtype, device and context length."""
     info = engine.model_info
-    line = f"{info.name} · {info.dtype} · {info.device} · context {info.context_length} tokens"
-    return f"Loaded {line} in {seconds:.1f} s" if seconds is not None else line
+    return f"{info.name} · {info.dtype} · {info.device} · context {info.context_length} tokens"
 
 
 def load_ipython_extension(shell: Any) -> None:
