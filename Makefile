@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/nbchat pull
-	$(BIN)/nbchat demo
+	$(BIN)/nbchat run notebooks/quickstart.ipynb
 
 # pytest exits 5 when it collected no test: that must fail, never pass silently.
 test: install

@@ -1,4 +1,4 @@
-"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, run the ``demo``.
+"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, ``run`` a notebook.
 
 A thin client of nbchat.models and nbchat.api, like every other surface.
 """
@@ -14,11 +14,6 @@ from importlib.metadata import PackageNotFoundError, version
 from nbchat.errors import NbchatError
 from nbchat.models import DEFAULT_MODEL, REGISTRY, cache_dir, cached_models, pull
 
-DEMO_TURNS = (
-    "What is a Jupyter notebook? Answer in two sentences.",
-    "Give one tip for keeping notebooks tidy.",
-)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nbchat", description="Notebook-native chat with a local LLM.")
@@ -33,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_options(chat_parser)
     chat_parser.add_argument("--system", "-s", help="system prompt")
 
-    demo_parser = commands.add_parser("demo", help="a short scripted chat on the default model, streamed")
-    _add_generation_options(demo_parser)
+    run_parser = commands.add_parser(
+        "run", help="execute a notebook in a kernel, printing its chat exchanges"
+    )
+    run_parser.add_argument("notebook", help="path of the .ipynb file")
 
     args = parser.parse_args(argv)
     try:
@@ -45,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             print_info()
         elif args.command == "chat":
             run_chat(args)
-        elif args.command == "demo":
-            run_demo(args)
+        elif args.command == "run":
+            from nbchat.notebook.run import run
+
+            return run(args.notebook)
     except NbchatError as error:
         print(f"nbchat: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
@@ -144,14 +143,6 @@ def run_chat(args: argparse.Namespace) -> None:
             yield line
 
     _converse(engine, prompts(), args, messages)
-
-
-def run_demo(args: argparse.Namespace) -> None:
-    engine = _load_engine(args)
-    messages: list[dict] = []
-    for turn in DEMO_TURNS:
-        print(f"\nuser> {turn}\nassistant> ", end="", flush=True)
-        _converse(engine, [turn], args, messages)
 
 
 if __name__ == "__main__":
