@@ -322,3 +322,14 @@ def test_good_settings_pass_validation():
         ),
         V,
     )
+
+
+def test_whole_vocabulary_sampling_never_returns_a_zero_probability_token():
+    vocab = 1000  # not a multiple of the 256-token block
+    keys = jax.random.split(jax.random.key(0), 500)
+    draw_whole = jax.jit(jax.vmap(sampling.sample_whole_vocabulary, in_axes=(0, None)))
+    for allowed in ([0], [vocab - 1], [255, 256], [3, 511, 999]):
+        logits = np.full((1, vocab), -np.inf, np.float32)
+        logits[0, allowed] = 0.0
+        tokens = np.asarray(draw_whole(keys, logits))[:, 0]
+        assert set(tokens.tolist()) == set(allowed)

@@ -203,6 +203,36 @@ def process_logits(
     return jnp.where(unpack_bitmask(allowed_bits, logits.shape[-1]), logits, -jnp.inf)
 
 
+def sample_whole_vocabulary(key: jax.Array, logits: jax.Array, block: int = 256) -> jax.Array:
+    """One token per row drawn from softmax(logits) [B, V] by inverting the CDF at one uniform draw.
+
+    Two levels (blocks of ``block`` tokens, then tokens within the chosen block) keep the cumulative
+    sums short. Exact up to float rounding, and a token of probability 0 is never returned. Costs a
+    fraction of ``jax.random.categorical``, which draws V Gumbel variates (~1.2 ms for V = 49152).
+    """
+    B, V = logits.shape
+    n_blocks = -(-V // block)
+    weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))  # [B, V], 0 where banned
+    weights = jnp.pad(weights, ((0, 0), (0, n_blocks * block - V))).reshape(B, n_blocks, block)
+
+    def first_above(cumulative: jax.Array, mass: jax.Array, target: jax.Array) -> jax.Array:
+        """Index of the first entry whose cumulative mass exceeds target, never past the last
+        entry with mass (rounding can put target at the very end)."""
+        n = mass.shape[-1]
+        last_with_mass = n - 1 - jnp.argmax(mass[:, ::-1] > 0, axis=-1)
+        return jnp.minimum(jnp.sum(cumulative <= target[:, None], axis=-1), last_with_mass)
+
+    block_mass = weights.sum(axis=-1)  # [B, n_blocks]
+    block_cumulative = jnp.cumsum(block_mass, axis=-1)
+    target = jax.random.uniform(key, (B,)) * block_cumulative[:, -1]
+    chosen_block = first_above(block_cumulative, block_mass, target)  # [B]
+    rows = jnp.arange(B)
+    target = target - (block_cumulative[rows, chosen_block] - block_mass[rows, chosen_block])
+    in_block = weights[rows, chosen_block]  # [B, block]
+    offset = first_above(jnp.cumsum(in_block, axis=-1), in_block, target)
+    return (chosen_block * block + offset).astype(jnp.int32)
+
+
 def choose(
     processed: jax.Array, key: jax.Array, settings: SamplingArrays
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -213,7 +243,9 @@ def choose(
     """
     B, V = processed.shape
     n_candidates = min(MAX_CANDIDATES, V)
-    candidate_logits, candidate_ids = jax.lax.top_k(processed, n_candidates)  # [B, K], descending
+    # [B, K], descending. The barrier keeps XLA from folding the later slices of the result into the
+    # top_k, which turns it into a full sort of the vocabulary (11 ms instead of 0.1 ms on CPU).
+    candidate_logits, candidate_ids = jax.lax.optimization_barrier(jax.lax.top_k(processed, n_candidates))
     greedy = candidate_ids[:, 0]
 
     temperature = jnp.maximum(settings.temperature, 1e-6)[:, None]  # [B, 1]; 0 handled by `greedy`
@@ -236,8 +268,12 @@ def choose(
     truncated_key, full_key = jax.random.split(key)
     picked = jax.random.categorical(truncated_key, jnp.where(keep, candidates, -jnp.inf), axis=-1)
     truncated = jnp.take_along_axis(candidate_ids, picked[:, None], axis=-1)[:, 0]
-    full = jax.random.categorical(full_key, scaled, axis=-1).astype(jnp.int32)
     filtered = (settings.top_k > 0) | (settings.top_p < 1.0) | (settings.min_p > 0.0)
+    full = jax.lax.cond(  # on CPU a cond runs one branch: skipped for greedy and filtered rows
+        jnp.any((settings.temperature > 0.0) & ~filtered),
+        lambda: sample_whole_vocabulary(full_key, scaled),
+        lambda: jnp.zeros((B,), jnp.int32),
+    )
     sampled = jnp.where(filtered, truncated, full)
     token_ids = jnp.where(settings.temperature == 0.0, greedy, sampled).astype(jnp.int32)
     return token_ids, candidate_ids, candidate_logits
