@@ -50,10 +50,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "metadata": ("nbchat does not store completions, so it has nowhere to keep metadata", ()),
     "reasoning_effort": ("it applies to reasoning models only", ()),
     "verbosity": ("it applies to reasoning models only", ()),
-    "parallel_tool_calls": (
-        "limiting a reply to one tool call is not implemented (parallel calls are allowed)",
-        (True,),
-    ),
     "moderation": ("nbchat has no moderation model", ()),
     "prompt_cache_retention": ("nbchat keeps one prompt's cache in memory and nothing longer", ()),
     "prompt_cache_options": ("nbchat keeps one prompt's cache in memory and nothing longer", ()),
@@ -392,7 +388,7 @@ def _raise_unanswered(messages: Sequence[Any], pending: Mapping[str, int]) -> No
 
 
 # --------------------------------------------------------------------------------------------------
-# Request: structured output and tools (validated here; generation is the structured-output work)
+# Request: structured output and tools (validated here; api.plan_generation builds their grammar)
 
 
 class JsonSchemaFormat(_RequestModel):
@@ -579,6 +575,7 @@ class ChatCompletionRequest(_RequestModel):
     response_format: ResponseFormat | None = None
     tools: tuple[Tool, ...] | None = None
     tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # False: at most one tool call per reply
     continue_final_message: StrictBool | None = None
     chat_template: StrictStr | None = None
     user: StrictStr | None = None
@@ -716,7 +713,18 @@ class ChatCompletionRequest(_RequestModel):
                 "the flag.",
                 field="continue_final_message",
             )
+        if self.continue_final_message and self._is_constrained():
+            raise RequestFieldError(
+                "continue_final_message=True cannot be combined with a JSON response_format or with tools: "
+                "their grammar constrains a whole reply, not the rest of a started one. Drop one of them.",
+                field="continue_final_message",
+            )
         return self
+
+    def _is_constrained(self) -> bool:
+        """Whether generation follows a grammar (a JSON response_format, or tools the reply may call)."""
+        json_format = self.response_format is not None and self.response_format.type != "text"
+        return json_format or (bool(self.tools) and self.effective_tool_choice != "none")
 
     def _check_tools(self) -> None:
         if self.tools is not None:
@@ -770,6 +778,11 @@ class ChatCompletionRequest(_RequestModel):
         if self.tool_choice is not None:
             return self.tool_choice
         return "auto" if self.tools else "none"
+
+    @property
+    def allows_parallel_tool_calls(self) -> bool:
+        """OpenAI's default: a reply may make several tool calls unless parallel_tool_calls=False."""
+        return self.parallel_tool_calls is not False
 
     def response_format_spec(self) -> dict[str, Any] | None:
         """response_format as OpenAI's plain dict (``json_schema.schema`` under its own name), or None."""
