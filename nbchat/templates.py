@@ -7,12 +7,20 @@ any model by name, are the common families' formats written out here: ``chatml``
 expect (``raise_exception``, ``tojson``, ``strftime_now``, ``bos_token``, ``eos_token``, ``tools``,
 ``add_generation_prompt``); this module does not render by itself.
 
+Tools: a template that reads the ``tools`` variable is given the tools and renders assistant
+``tool_calls`` (their ``arguments`` as objects, as HF templates expect) and ``tool`` messages itself; any
+other template gets the conversation rewritten by ``nbchat.tools.inline_tools`` (the built-in tool prompt
+in the system message, calls and results as ``<tool_call>`` / ``<tool_response>`` text).
+
 Must not: validate OpenAI request fields (protocol.py does), generate, or import JAX.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from nbchat.errors import InvalidRequestError
@@ -165,10 +173,54 @@ def render_messages(
     """
     source = resolve_chat_template(tokenizer, chat_template, tools=tools)
     _check_system_placement(tokenizer, source, messages)
+    if template_supports_tools(source):
+        messages = [_with_argument_objects(message) for message in messages]
+    else:
+        from nbchat.tools import inline_tools
+
+        messages, tools = inline_tools(messages, tools), None
     return _render(
         tokenizer, source, messages, tools=tools, continue_final_message=continue_final_message,
         template_vars=template_vars,
     )
+
+
+@lru_cache(maxsize=64)
+def template_supports_tools(source: str) -> bool:
+    """Whether a jinja chat template reads the ``tools`` variable (then it renders tools, assistant
+    ``tool_calls`` and ``tool`` messages in the model's own format)."""
+    import jinja2
+    import jinja2.meta
+    from jinja2.ext import loopcontrols
+
+    try:
+        parsed = jinja2.Environment(extensions=[loopcontrols]).parse(source)
+    except jinja2.TemplateSyntaxError:
+        # A tag only transformers' environment knows (``{% generation %}``), or a broken template
+        # that rendering will report: fall back to looking for the name.
+        return re.search(r"\btools\b", source) is not None
+    return "tools" in jinja2.meta.find_undeclared_variables(parsed)
+
+
+def _with_argument_objects(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An assistant message whose tool calls carry ``arguments`` as objects (HF templates write them
+    with ``tojson``; OpenAI sends a JSON string). Arguments that are not a JSON object stay as sent."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    converted = []
+    for call in calls:
+        function = dict(call.get("function") or {})
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                decoded = json.loads(arguments)
+            except json.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, dict):
+                function["arguments"] = decoded
+        converted.append({**call, "function": function})
+    return {**message, "tool_calls": converted}
 
 
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
