@@ -6,9 +6,11 @@ message) and the model's reply. Keeping turns rather than a flat message list is
 "re-running a cell replaces its turn" (``key``), "undo drops the last exchange" and "retry regenerates
 the last reply" simple and exact.
 
-Messages are OpenAI-shaped dicts (``{"role": ..., "content": ...}``) of JSON types only, so
-:meth:`Conversation.to_dict` / :meth:`Conversation.from_dict` round-trip losslessly. Pure Python: no
-IPython, no JAX, no model.
+Messages are OpenAI-shaped dicts (``{"role": ..., "content": ...}``, assistant ``tool_calls`` and
+``tool`` results included) of JSON types only, so :meth:`Conversation.to_dict` /
+:meth:`Conversation.from_dict` round-trip losslessly. A conversation also holds the tools (Python
+functions) its chats may offer the model; they live in the kernel and are not written to files.
+Pure Python: no IPython, no JAX, no model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nbchat.errors import NbchatError
+from nbchat.tools import ToolRegistry
 
 FILE_FORMAT = "nbchat.conversation"
 FILE_VERSION = 1
@@ -32,11 +35,13 @@ class ConversationError(NbchatError, ValueError):
 class Turn:
     """One exchange: the messages a cell sent and the reply the model gave.
 
-    ``reply`` holds the messages the model's side produced (today one assistant message; tool calls
-    and tool results will add more). ``key`` identifies the cell that produced the turn (its cell id,
-    or its execution count when the front end sends no id). ``system`` is a system prompt used for
-    this turn only; ``options`` are the request settings the cell set, kept so a retry reproduces
-    the same request. ``interrupted`` marks a reply cut short by the user: its partial text is kept.
+    ``reply`` holds the messages the model's side produced: one assistant message, or, when the model
+    called tools, each assistant message with ``tool_calls`` followed by the ``tool`` messages that
+    answer them, and the final assistant message (absent when the exchange stopped at a call).
+    ``key`` identifies the cell that produced the turn (its cell id, or its execution count when the
+    front end sends no id). ``system`` is a system prompt used for this turn only; ``options`` are
+    the request settings the cell set, kept so a retry reproduces the same request. ``interrupted``
+    marks a reply cut short by the user: its partial text is kept.
     """
 
     prompt: list[dict[str, Any]]
@@ -64,12 +69,14 @@ class Turn:
 
 @dataclass
 class Conversation:
-    """A named chat: system prompt, per-conversation settings (``%chat set``) and turns."""
+    """A named chat: system prompt, per-conversation settings (``%chat set``), turns, and the tools
+    its chats offer the model (``tools``: kept in memory only, like the functions it holds)."""
 
     name: str = "default"
     system: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     turns: list[Turn] = field(default_factory=list)
+    tools: ToolRegistry = field(default_factory=ToolRegistry, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.turns)
@@ -180,13 +187,10 @@ class Conversation:
             if unknown:
                 raise ConversationError(f"bad conversation file: {where} has an unknown field {unknown[0]!r}")
             _expect(isinstance(raw.get("prompt"), list), f"{where}.prompt", "a list of messages")
+            _expect(isinstance(raw.get("reply", []), list), f"{where}.reply", "a list of messages")
             for part in ("prompt", "reply"):
                 for number, message in enumerate(raw.get(part, [])):
-                    _expect(
-                        isinstance(message, dict) and isinstance(message.get("role"), str),
-                        f"{where}.{part}[{number}]",
-                        "a message object with a role",
-                    )
+                    _check_message(message, f"{where}.{part}[{number}]")
             parsed_turns.append(Turn(**raw))
         return cls(name=name, system=system, settings=dict(settings), turns=parsed_turns)
 
@@ -208,6 +212,28 @@ class Conversation:
         except json.JSONDecodeError as error:
             raise ConversationError(f"{str(source)!r} is not valid JSON: {error}") from None
         return cls.from_dict(data)
+
+
+def _check_message(message: Any, where: str) -> None:
+    """A stored message has a role; tool calls and tool results have the fields that pair them."""
+    has_role = isinstance(message, dict) and isinstance(message.get("role"), str)
+    _expect(has_role, where, "a message object with a role")
+    calls = message.get("tool_calls")
+    if calls is not None:
+        _expect(isinstance(calls, list), f"{where}.tool_calls", "a list of tool calls")
+        for number, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            _expect(
+                isinstance(call, dict)
+                and isinstance(call.get("id"), str)
+                and isinstance(function, dict)
+                and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str),
+                f"{where}.tool_calls[{number}]",
+                'a tool call {"id", "type": "function", "function": {"name", "arguments"}}',
+            )
+    if message["role"] == "tool":
+        _expect(isinstance(message.get("tool_call_id"), str), f"{where}.tool_call_id", "a string")
 
 
 def _expect(condition: bool, field_name: str, expected: str) -> None:
