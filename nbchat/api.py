@@ -31,6 +31,7 @@ from nbchat.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     FinishReason,
+    NamedToolChoice,
     ResponseFunctionCall,
     ResponseToolCall,
     TokenLogprob,
@@ -102,34 +103,87 @@ class TextOutput:
         return ended_by
 
 
+class ToolCallOutput:
+    """A reply that may call tools: content and Hermes-syntax tool calls (``nbchat.tools``' parser).
+    A reply that ended by itself after calling tools finishes with "tool_calls"; a call forced by a
+    named tool_choice finishes with "stop", as OpenAI's does."""
+
+    def __init__(self, *, named_choice: bool):
+        from nbchat.tools import ToolCallParser
+
+        self._parser = ToolCallParser()
+        self._named_choice = named_choice
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return self._parser.feed(text)
+
+    def finish(self) -> list[dict[str, Any]]:
+        return self._parser.finish()
+
+    def finish_reason(self, ended_by: FinishReason) -> FinishReason:
+        if ended_by == "stop" and self._parser.tool_calls and not self._named_choice:
+            return "tool_calls"
+        return ended_by
+
+
 @dataclass(frozen=True)
 class GenerationPlan:
     """Per-request generation choices: the token constraint of each choice (None = unconstrained),
-    how its text becomes deltas, and the tools the chat template is given."""
+    how its text becomes deltas, the tools the chat template is given, and whether special tokens
+    stay in the text (when the tool-call tags are special tokens, the parser must see them)."""
 
     new_constraint: Callable[[], TokenConstraint | None]
     new_output: Callable[[], ChoiceOutput]
     template_tools: list[dict[str, Any]] | None = None
+    keep_special_tokens: bool = False
 
 
 def plan_generation(request: ChatCompletionRequest, loaded: LoadedModel) -> GenerationPlan:
-    """Decide how ``request`` generates. Structured output and tool calling are validated by the
-    protocol but not generated yet: they are refused here, and only here."""
-    response_type = request.response_format.type if request.response_format is not None else "text"
-    if response_type != "text":
-        raise InvalidRequestError(
-            f"response_format type {response_type!r} is not implemented yet (structured output is "
-            "planned); use {'type': 'text'} or leave response_format out.",
-            param="response_format",
-            code="not_implemented",
+    """Decide how ``request`` generates: ``response_format`` and ``tools``/``tool_choice`` become a
+    grammar constraint (built once here, so a schema that does not compile is an InvalidRequestError
+    before any compute) and tool calls are parsed out of the text.
+
+    ``tool_choice="none"`` generates plain text (or the response_format) and does not show the tools
+    to the model, so that it does not write calls the reply could not make.
+    """
+    response_format = request.response_format_spec()
+    tool_choice = request.effective_tool_choice
+    calls_tools = bool(request.tools) and tool_choice != "none"
+    if not calls_tools and (response_format is None or response_format["type"] == "text"):
+        return GenerationPlan(new_constraint=lambda: None, new_output=TextOutput)
+
+    from nbchat.engine.constraints import TOOL_CALL_OPEN, GrammarCompiler
+
+    compiler = GrammarCompiler.for_tokenizer(loaded.tokenizer, vocab_size=loaded.config.vocab_size,
+                                             stop_ids=loaded.stop_ids)
+    if not calls_tools:
+        return GenerationPlan(
+            new_constraint=_first_then_fresh(lambda: compiler.response_format(response_format)),
+            new_output=TextOutput,
         )
-    if request.tools:
-        raise InvalidRequestError(
-            "Tool calling is not implemented yet (it is planned); leave 'tools' and 'tool_choice' out.",
-            param="tools",
-            code="not_implemented",
-        )
-    return GenerationPlan(new_constraint=lambda: None, new_output=TextOutput)
+    tools = request.template_tools()
+    parallel = request.allows_parallel_tool_calls
+    named_choice = isinstance(tool_choice, NamedToolChoice)
+    return GenerationPlan(
+        new_constraint=_first_then_fresh(lambda: compiler.tool_calls(
+            tools, tool_choice, parallel_tool_calls=parallel, response_format=response_format)),
+        new_output=lambda: ToolCallOutput(named_choice=named_choice),
+        template_tools=tools,
+        keep_special_tokens=_is_special_token(loaded.tokenizer, TOOL_CALL_OPEN),
+    )
+
+
+def _first_then_fresh(build: Callable[[], TokenConstraint | None]) -> Callable[[], TokenConstraint | None]:
+    """A constraint factory whose first constraint is built now (its errors come before compute);
+    each later choice gets a fresh one."""
+    first = [build()]
+    return lambda: first.pop() if first else build()
+
+
+def _is_special_token(tokenizer: PreTrainedTokenizerFast, text: str) -> bool:
+    """Whether ``text`` is one special token (decoding would drop it unless told to keep specials)."""
+    added = tokenizer.backend_tokenizer.get_added_tokens_decoder().values()
+    return any(token.content == text and token.special for token in added)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +391,8 @@ class Engine:
                 for delta, logprobs in choice.deltas():
                     yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
                 completion_tokens += choice.completion_tokens
-                finish = ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=choice.finish_reason)
+                finish = ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=choice.finish_reason,
+                                     logprobs=choice.trailing_logprobs)
                 yield chunk([finish])
         if include_usage:
             usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
@@ -400,6 +455,7 @@ class _ChoiceRun:
         self._index = index
         self.completion_tokens = 0
         self.finish_reason: FinishReason = "length"
+        self.trailing_logprobs: ChoiceLogprobs | None = None
 
     def deltas(self) -> Iterator[tuple[ChoiceDelta, ChoiceLogprobs | None]]:
         from nbchat.engine.detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -408,7 +464,8 @@ class _ChoiceRun:
         request, loaded = job.request, job.loaded
         continuing = request.continue_final_message
         context_ids = job.prompt_ids[-_CONTEXT_IDS_FOR_CONTINUATION:] if continuing else ()
-        detokenizer = IncrementalDetokenizer(loaded.tokenizer.backend_tokenizer, context_ids=context_ids)
+        detokenizer = IncrementalDetokenizer(loaded.tokenizer.backend_tokenizer, context_ids=context_ids,
+                                             skip_special_tokens=not job.plan.keep_special_tokens)
         stop_strings = StopStringMatcher(request.stop_strings)
         output = job.plan.new_output()
         pending_logprobs: list[TokenLogprob] = []  # of tokens whose text is not shown yet
@@ -446,6 +503,9 @@ class _ChoiceRun:
         yield from emit(output.feed(stop_strings.flush()))
         yield from emit(output.finish())
         self.finish_reason = output.finish_reason(self.finish_reason)
+        # Tokens whose text became no delta (a tool call's closing tag, trailing whitespace) still
+        # count: their logprobs ride on the finish chunk.
+        self.trailing_logprobs = ChoiceLogprobs(content=pending_logprobs) if pending_logprobs else None
 
 
 class ChatCompletionStream(Iterator[ChatCompletionChunk]):
