@@ -252,3 +252,61 @@ def test_rendering_does_not_mutate_the_messages(tokenizer):
     for name in BUILTIN_TEMPLATES:
         render_messages(tokenizer, messages, chat_template=name, continue_final_message=True)
     assert messages == snapshot
+
+
+# ---- tools: the model's own tool support, or the built-in tool prompt
+
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_template_without_tool_support_gets_the_builtin_tool_prompt(tokenizer):
+    from nbchat.tools import tool_prompt
+
+    rendered = render_messages(tokenizer, TOOL_CONVERSATION, tools=[WEATHER_TOOL])
+    assert rendered == (
+        f"<|im_start|>system\nBe brief.\n\n{tool_prompt([WEATHER_TOOL])}<|im_end|>\n"
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n18C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    # Without tools in the request, the history's calls and results still render as text.
+    without_tools = render_messages(tokenizer, TOOL_CONVERSATION)
+    assert without_tools.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert without_tools.endswith(rendered[rendered.index("<|im_start|>user\n"):])
+
+
+def test_template_with_tool_support_gets_tools_and_argument_objects(tokenizer):
+    template = (
+        "{{ tools | length }} tools;"
+        "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+        "{{ c.function.name }}({{ c.function.arguments.city }}) {{ c.function.arguments | tojson }};"
+        "{% endfor %}{% if m.role == 'tool' %}{{ m.tool_call_id }}={{ m.content }};{% endif %}{% endfor %}"
+    )
+    messages = copy.deepcopy(TOOL_CONVERSATION)
+    rendered = render_messages(tokenizer, messages, chat_template=template, tools=[WEATHER_TOOL])
+    assert rendered == '1 tools;get_weather(Paris) {"city": "Paris"};call_1=18C;'
+    assert messages == TOOL_CONVERSATION  # the caller's arguments string is left alone
+
+
+@pytest.mark.parametrize(("source", "supports"), [
+    ("{% if tools %}{{ tools | tojson }}{% endif %}", True),
+    ("{% for tool in tools %}{{ tool.function.name }}{% endfor %}", True),
+    ("{{ messages[0].content }} (no tools here)", False),
+    ("{% set tools = [] %}{{ tools }}", False),  # a local variable, not the tools passed in
+    ("{% generation %}{{ tools }}{% endgeneration %}", True),  # transformers' own tag
+])
+def test_template_supports_tools_when_it_reads_the_tools_variable(source, supports):
+    from nbchat.templates import template_supports_tools
+
+    assert template_supports_tools(source) is supports
