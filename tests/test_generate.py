@@ -4,6 +4,8 @@ interrupting a generation at any point leaves the engine usable."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +133,7 @@ def test_plan_prefill_pads_to_buckets_and_keeps_the_last_chunk_inside_the_contex
     # the last chunk would end at 1024 > 1000: it starts earlier and recomputes 24 cached tokens
     assert plan_prefill(0, 1000, 1000) == [(0, 512, 512), (488, 512, 512)]
     assert plan_prefill(0, 10, 12) == [(0, 12, 10)]
+    assert plan_prefill(41, 42, 1024) == [(41, 1, 1)]  # the same prompt again: the decode program
 
 
 def test_stop_id_is_yielded_and_ends_the_generation(generator):
@@ -311,3 +314,23 @@ def test_a_superseded_iterator_refuses_to_resume(generator):
     assert len(second) == 2
     with pytest.raises(RuntimeError, match="superseded"):
         next(first)
+
+
+def test_drop_cache_makes_the_next_prompt_prefill_whole(generator):
+    prompt_ids = prompt(20, seed=14)
+    first = token_ids(list(generator.generate(prompt_ids, GREEDY, max_new_tokens=4)))
+    generator.drop_cache()
+    assert generator.cached_token_count == 0
+    assert token_ids(list(generator.generate(prompt_ids, GREEDY, max_new_tokens=4))) == first
+    assert generator.last_reused_tokens == 0
+
+
+def test_a_second_generation_of_the_same_shapes_compiles_nothing(params):
+    config = dataclasses.replace(TINY, context_length=1000)  # a config of its own: fresh programs
+    engine = Generator(config, params)
+    list(engine.generate(prompt(20, seed=15), GREEDY, max_new_tokens=3))
+    compiled = step_program(config)._cache_size()
+    assert compiled == 2  # one prefill bucket, one decode step
+    list(engine.generate(prompt(20, seed=16), GREEDY, max_new_tokens=3))  # no reuse: a fresh prefill
+    assert engine.last_reused_tokens == 0
+    assert step_program(config)._cache_size() == compiled

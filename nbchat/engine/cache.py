@@ -71,12 +71,24 @@ def capacity_for(n_slots: int, context_length: int) -> int:
 
 
 def empty_cache(
-    config: ModelConfig, batch_size: int, capacity: int, dtype: jnp.dtype = jnp.float32
+    config: ModelConfig,
+    batch_size: int,
+    capacity: int,
+    dtype: str = "float32",
+    device: jax.Device | None = None,
 ) -> KVCache:
-    shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
-    layers = range(config.num_layers)
+    """A zeroed cache, committed to ``device`` (default: the first device) like every cache a step
+    returns: jit keys its compiled programs on committedness, and an uncommitted fresh cache would
+    compile each program a second time."""
+    zeros = _zeros(config.num_layers, (batch_size, config.num_kv_heads, capacity, config.head_dim), dtype)
+    return jax.device_put(zeros, device or jax.devices()[0])
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _zeros(num_layers: int, shape: tuple[int, ...], dtype: str) -> KVCache:
     return KVCache(
-        tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers)
+        tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
     )
 
 

@@ -34,8 +34,9 @@ __all__ = ["Generator", "SamplingParams", "TokenConstraint", "TokenEvent", "pref
 
 # Prompt chunks are padded to one of these lengths; steps of 1.5x-2x keep padding waste (prefill
 # compute) under half while a chat compiles only a few prefill programs. Longer prompts are
-# prefilled in chunks of the largest bucket.
-PREFILL_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512)
+# prefilled in chunks of the largest bucket. A one-token suffix (the same prompt again) runs the
+# decode program.
+PREFILL_BUCKETS = (1, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 # Decode room reserved in the cache at prefill: a reply of up to this many tokens never has to grow
 # the cache mid-generation, while a large max_new_tokens does not inflate the attention read of
 # every token (the cache grows on demand beyond it).
@@ -138,6 +139,11 @@ class Generator:
     def cached_token_count(self) -> int:
         """How many tokens of the last sequence the cache holds for reuse."""
         return len(self._cached_ids)
+
+    def drop_cache(self) -> None:
+        """Forget the cached sequence and free its buffers: the next prompt is prefilled whole."""
+        self._generation += 1  # an open iterator must not resume on a cache it no longer owns
+        self._take_cache()
 
     def generate(
         self,

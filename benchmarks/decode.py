@@ -1,0 +1,410 @@
+"""Decode benchmark: the engine on the default model, and transformers + torch on the same prompt.
+
+    python -m benchmarks.decode [--model PATH_OR_NAME] [--dtypes float32,bfloat16] [--new-tokens 128]
+                                [--repeats 3] [--no-transformers] [--output benchmarks/results/decode.json]
+
+Measures, at batch 1 with greedy decoding (no stop ids, so every run makes exactly --new-tokens):
+load time, compile time of the prefill and decode programs cold and from the persistent cache,
+time to first token (TTFT), prefill and decode tokens per second at an 80- and a 1000-token prompt,
+peak RSS, and the turn latency of a 10-turn chat with and without prefix reuse. Each configuration
+runs in its own subprocess so its peak RSS is its own; compile times are measured in two fresh
+subprocesses sharing an empty cache directory (the first compiles, the second loads). Compare
+engines within one run only: on a shared 2-core machine the spread between runs is 10-15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT_LENGTHS = (80, 1000)
+CHAT_TURNS = 10
+CHAT_REPLY_TOKENS = 32
+RESULTS = Path(__file__).parent / "results" / "decode.json"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_prompt(length: int, vocab_size: int, seed: int) -> list[int]:
+    """Token ids of ordinary text-like tokens (ids 200..vocab/2), distinct per seed so no run reuses
+    another's cache."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(200, vocab_size // 2, length).tolist()
+
+
+def time_generation(events) -> tuple[float, float, int]:
+    """(seconds to the first event, seconds from the first to the last event, events) of a stream
+    whose generate() call has just been made."""
+    start = time.perf_counter()
+    first = last = None
+    count = 0
+    for _ in events:
+        last = time.perf_counter()
+        first = first or last
+        count += 1
+    return first - start, last - first, count
+
+
+# -- workers (each runs in its own process) ------------------------------------------------------------
+
+
+def nbchat_worker(model_path: str, dtype: str, new_tokens: int, repeats: int) -> dict:
+    from nbchat.engine.generate import Generator, SamplingParams
+    from nbchat.engine.weights import load_gguf
+    from nbchat.tokenizer import load_tokenizer
+
+    started = time.perf_counter()
+    config, params = load_gguf(model_path, dtype, progress=False)
+    load_seconds = time.perf_counter() - started
+    generator = Generator(config, params)
+    greedy = SamplingParams(temperature=0.0)
+    result: dict = {"engine": "nbchat", "dtype": dtype, "load_s": load_seconds, "prompts": {}}
+
+    for length in PROMPT_LENGTHS:
+        warm = synthetic_prompt(length, config.vocab_size, seed=0)
+        started = time.perf_counter()
+        list(generator.generate(warm, greedy, max_new_tokens=new_tokens))  # compiles this shape's programs
+        first_run_s = time.perf_counter() - started
+        runs = []
+        for repeat in range(repeats):
+            prompt = synthetic_prompt(length, config.vocab_size, seed=repeat + 1)
+            ttft, decode_s, count = time_generation(
+                generator.generate(prompt, greedy, max_new_tokens=new_tokens)
+            )
+            assert count == new_tokens and generator.last_reused_tokens == 0
+            runs.append({"ttft_s": ttft, "decode_tok_s": (count - 1) / decode_s})
+        ttft = statistics.median(r["ttft_s"] for r in runs)
+        result["prompts"][str(length)] = {
+            "first_run_s": first_run_s,
+            "ttft_ms": ttft * 1e3,
+            "prefill_tok_s": length / ttft,
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "runs": runs,
+        }
+
+    tokenizer = load_tokenizer(Path(model_path))
+    result["chat"] = {
+        "with_prefix_reuse": chat_turns(generator, tokenizer, new_tokens=CHAT_REPLY_TOKENS, reuse=True),
+        "without_prefix_reuse": chat_turns(generator, tokenizer, new_tokens=CHAT_REPLY_TOKENS, reuse=False),
+    }
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+CHAT_QUESTIONS = [
+    "Hi! Can you tell me what a prime number is?",
+    "Give me three examples.",
+    "Why is 1 not a prime?",
+    "What is the largest prime you know?",
+    "How do computers check whether a number is prime?",
+    "What is a Mersenne prime?",
+    "Who was Euclid?",
+    "Summarize our conversation so far.",
+    "What should I read next about number theory?",
+    "Thanks! One last question: is 91 prime?",
+]
+
+
+def chat_turns(generator, tokenizer, *, new_tokens: int, reuse: bool) -> list[dict]:
+    """Turn latencies of a 10-turn chat that resends its history each turn (fixed-length replies so
+    turns compare). Run twice: the first pass compiles, the second is measured."""
+    from nbchat.engine.generate import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0)
+    for _pass in ("compile", "measure"):
+        messages = [{"role": "system", "content": "You are a concise, friendly math tutor."}]
+        generator.drop_cache()
+        turns = []
+        for question in CHAT_QUESTIONS[:CHAT_TURNS]:
+            messages.append({"role": "user", "content": question})
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            prompt = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+            if not reuse:
+                generator.drop_cache()
+            started = time.perf_counter()
+            reply = [
+                event.token_id for event in generator.generate(prompt, greedy, max_new_tokens=new_tokens)
+            ]
+            turn_s = time.perf_counter() - started
+            messages.append(
+                {"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)}
+            )
+            turns.append(
+                {
+                    "prompt_tokens": len(prompt),
+                    "reused_tokens": generator.last_reused_tokens,
+                    "turn_ms": turn_s * 1e3,
+                }
+            )
+    return turns
+
+
+def compile_worker(model_path: str, dtype: str) -> dict:
+    """Lower and compile the prefill (the 80-token prompt's bucket) and decode programs."""
+    import jax
+    import numpy as np
+
+    from nbchat.engine import cache as kv_cache
+    from nbchat.engine import jax_setup, model, sampling
+    from nbchat.engine.generate import DECODE_RESERVE, plan_prefill, step_program
+    from nbchat.engine.weights import load_gguf
+
+    jax_setup.enable_persistent_compilation_cache()
+    config, params = load_gguf(model_path, dtype, progress=False)
+    params = model.unstack_layers(params)
+    capacity = kv_cache.capacity_for(PROMPT_LENGTHS[0] + DECODE_RESERVE, config.context_length)
+    cache = kv_cache.empty_cache(config, 1, capacity)
+    state = sampling.initial_state([[1]], config.vocab_size, 0)
+    settings = sampling.sampling_arrays([sampling.SamplingParams()], config.vocab_size)
+    bits = np.full((1, -(-config.vocab_size // 32)), -1, np.int32)
+    program = step_program(config)
+    ((_, padded, _),) = plan_prefill(0, PROMPT_LENGTHS[0], config.context_length)
+    timings = {}
+    for name, length in (("prefill", padded), ("decode", 1)):
+        tokens = np.zeros((1, length), np.int32)
+        started = time.perf_counter()
+        program.lower(params, cache, tokens, np.int32(0), np.int32(1), state, settings, bits).compile()
+        timings[f"{name}_compile_s"] = time.perf_counter() - started
+    del jax
+    return timings
+
+
+def transformers_worker(model_path: str, new_tokens: int, repeats: int) -> dict:
+    """The same greedy loop in transformers + torch float32: one forward over the prompt, then one
+    forward per token with the KV cache (what ``generate`` does, without its per-step overhead)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = Path(model_path)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    load_seconds = time.perf_counter() - started
+    vocab = model.config.vocab_size
+    result: dict = {"engine": "transformers", "dtype": "float32", "load_s": load_seconds, "prompts": {}}
+
+    def generate(prompt: list[int]):
+        with torch.inference_mode():
+            output = model(input_ids=torch.tensor([prompt]), use_cache=True)
+            token = output.logits[0, -1].argmax()
+            yield int(token)
+            cache = output.past_key_values
+            for _ in range(new_tokens - 1):
+                output = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+                cache = output.past_key_values
+                token = output.logits[0, -1].argmax()
+                yield int(token)
+
+    for length in PROMPT_LENGTHS:
+        list(generate(synthetic_prompt(length, vocab, seed=0)))
+        runs = []
+        for repeat in range(repeats):
+            ttft, decode_s, count = time_generation(
+                generate(synthetic_prompt(length, vocab, seed=repeat + 1))
+            )
+            runs.append({"ttft_s": ttft, "decode_tok_s": (count - 1) / decode_s})
+        ttft = statistics.median(r["ttft_s"] for r in runs)
+        result["prompts"][str(length)] = {
+            "ttft_ms": ttft * 1e3,
+            "prefill_tok_s": length / ttft,
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+            "runs": runs,
+        }
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# -- the driver ----------------------------------------------------------------------------------------
+
+
+def run_worker(args: list[str], env: dict | None = None) -> dict:
+    command = [sys.executable, "-m", "benchmarks.decode", "--worker", *args]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "nbchat":
+            result = nbchat_worker(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        elif kind == "compile":
+            result = compile_worker(rest[0], rest[1])
+        else:
+            result = transformers_worker(rest[0], int(rest[1]), int(rest[2]))
+        print(json.dumps(result))
+        return
+
+    from nbchat.models import resolve
+
+    source = resolve(args.model)
+    if source.kind != "gguf":
+        parser.error("the benchmark loads GGUF files; pass a .gguf path or a registry name")
+    model_path = str(source.path)
+    report: dict = {
+        "model": source.name,
+        "new_tokens": args.new_tokens,
+        "machine": machine_description(),
+        "runs": [],
+    }
+    for dtype in args.dtypes.split(","):
+        print(f"nbchat {dtype} ...", file=sys.stderr)
+        result = run_worker(["nbchat", model_path, dtype, str(args.new_tokens), str(args.repeats)])
+        with tempfile.TemporaryDirectory() as empty_home:
+            env = {**os.environ, "NBCHAT_HOME": empty_home}
+            result["compile_cold"] = run_worker(["compile", model_path, dtype], env)
+            result["compile_warm"] = run_worker(["compile", model_path, dtype], env)
+        report["runs"].append(result)
+    if not args.no_transformers and transformers_available():
+        print("transformers float32 ...", file=sys.stderr)
+        report["runs"].append(
+            run_worker(["transformers", model_path, str(args.new_tokens), str(args.repeats)])
+        )
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"\nwrote {args.output}")
+
+
+def transformers_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) for name in ("torch", "transformers", "accelerate"))
+
+
+def machine_description() -> str:
+    import platform
+
+    import jax
+
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__}"
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"model {report['model']}, batch 1, greedy, {report['new_tokens']} new tokens; {report['machine']}",
+        "",
+    ]
+    header = (
+        "engine",
+        "dtype",
+        "prompt",
+        "load s",
+        "compile cold s",
+        "compile warm s",
+        "TTFT ms",
+        "prefill tok/s",
+        "decode tok/s",
+        "peak RSS MB",
+    )
+    rows = []
+    reference = next((r for r in report["runs"] if r["engine"] == "transformers"), None)
+    for run in report["runs"]:
+        for length, numbers in run["prompts"].items():
+            cold = run.get("compile_cold", {})
+            warm = run.get("compile_warm", {})
+            rows.append(
+                (
+                    run["engine"],
+                    run["dtype"],
+                    length,
+                    f"{run['load_s']:.2f}",
+                    f"{sum(cold.values()):.2f}" if cold else "-",
+                    f"{sum(warm.values()):.2f}" if warm else "-",
+                    f"{numbers['ttft_ms']:.0f}",
+                    f"{numbers['prefill_tok_s']:.0f}",
+                    f"{numbers['decode_tok_s']:.1f}",
+                    f"{run['peak_rss_mb']:.0f}",
+                )
+            )
+    lines += table(header, rows)
+    if reference:
+        lines.append("")
+        for run in report["runs"]:
+            if run["engine"] == "transformers":
+                continue
+            for length, numbers in run["prompts"].items():
+                ref = reference["prompts"][length]
+                decode_ratio = numbers["decode_tok_s"] / ref["decode_tok_s"]
+                ttft_ratio = ref["ttft_ms"] / numbers["ttft_ms"]
+                lines.append(
+                    f"nbchat {run['dtype']} vs transformers float32, {length}-token prompt: "
+                    f"decode x{decode_ratio:.2f}, TTFT x{ttft_ratio:.2f} (above 1: nbchat is faster)"
+                )
+    for run in report["runs"]:
+        if "chat" not in run:
+            continue
+        lines += [
+            "",
+            f"10-turn chat, nbchat {run['dtype']}, {CHAT_REPLY_TOKENS}-token replies: turn latency ms",
+        ]
+        chat = run["chat"]
+        rows = []
+        for i, (reused, fresh) in enumerate(
+            zip(chat["with_prefix_reuse"], chat["without_prefix_reuse"], strict=True)
+        ):
+            rows.append(
+                (
+                    str(i + 1),
+                    str(reused["prompt_tokens"]),
+                    str(reused["reused_tokens"]),
+                    f"{reused['turn_ms']:.0f}",
+                    f"{fresh['turn_ms']:.0f}",
+                )
+            )
+        lines += table(("turn", "prompt tokens", "reused", "with reuse", "without reuse"), rows)
+    return "\n".join(lines)
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+if __name__ == "__main__":
+    main()
