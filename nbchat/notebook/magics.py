@@ -290,6 +290,12 @@ def _pydantic_model_class(value: Any) -> type | None:
     return None
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__name__}"
+    return f"a value of type {type(value).__name__}"
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
@@ -582,8 +588,7 @@ class ChatMagics(Magics):
         elif isinstance(value, dict):
             schema = value
         else:
-            kind = f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
-            raise UsageError(f"--schema {variable!r}: expected {expected}, got {kind}")
+            raise UsageError(f"--schema {variable!r}: expected {expected}, not {_describe(value)}")
         if not isinstance(schema, dict):
             raise UsageError(
                 f"--schema {variable!r}: a JSON schema is an object like {{\"type\": \"object\", ...}}, "
@@ -611,8 +616,7 @@ class ChatMagics(Magics):
         if isinstance(marked, Tool):
             return marked
         if not callable(value) or isinstance(value, type):
-            kind = f"the class {value.__name__}" if isinstance(value, type) else f"a {type(value).__name__}"
-            raise UsageError(f"{where}: {name!r} is {kind}, not a function")
+            raise UsageError(f"{where}: {name!r} is {_describe(value)}, not a function")
         own_name = getattr(value, "__name__", "")
         tool_name = own_name if re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", own_name) else name
         try:
