@@ -115,6 +115,14 @@ def test_save_and_load_round_trip_losslessly(tmp_path):
         ('{"format": "nbchat.conversation", "version": 1, "turns": [{"prompt": [], "colour": 1}]}',
          "turns[0] has an unknown field 'colour'"),
         ("{not json", "is not valid JSON"),
+        ('{"format": "nbchat.conversation", "version": 1, "turns": [{"prompt": [], "reply": {}}]}',
+         "turns[0].reply must be a list of messages"),
+        ('{"format": "nbchat.conversation", "version": 1, "turns": [{"prompt": [], "reply": '
+         '[{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]}]}',
+         "turns[0].reply[0].tool_calls[0] must be a tool call"),
+        ('{"format": "nbchat.conversation", "version": 1, "turns": [{"prompt": [], "reply": '
+         '[{"role": "tool", "content": "1"}]}]}',
+         "turns[0].reply[0].tool_call_id must be a string"),
     ],
 )
 def test_loading_a_bad_file_names_the_problem(tmp_path, content, message):
@@ -139,3 +147,66 @@ def test_system_prompt_precedence_turn_then_conversation_then_default():
     assert conversation.request_messages(0, turn, default_system="d")[0]["content"] == "c"
     turn.system = "t"
     assert conversation.request_messages(0, turn, default_system="d")[0]["content"] == "t"
+
+
+def tool_exchange() -> Turn:
+    """A turn where the model called a tool, got its result and answered."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    return Turn(
+        prompt=[{"role": "user", "content": "1 + 2?"}],
+        reply=[
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+            {"role": "assistant", "content": "It is 3."},
+        ],
+        options={"tools": ["add"], "run_tools": True, "tool_choice": "required"},
+        finish_reason="stop",
+    )
+
+
+def test_tool_turns_are_part_of_the_history_and_round_trip_through_files(tmp_path):
+    conversation = Conversation()
+    conversation.put(tool_exchange())
+    conversation.put(exchange("and 2 + 2?", "4"))
+    assert [message["role"] for message in conversation.messages()] == [
+        "user", "assistant", "tool", "assistant", "user", "assistant"
+    ]
+    assert conversation.turns[0].reply_text == "It is 3."
+    loaded = Conversation.load(conversation.save(tmp_path / "tools.json"))
+    assert loaded == conversation and loaded.messages() == conversation.messages()
+
+
+def test_undo_drops_a_whole_tool_exchange():
+    conversation = Conversation()
+    conversation.put(exchange("hi", "hello"))
+    conversation.put(tool_exchange())
+    conversation.undo()
+    assert [message["role"] for message in conversation.messages()] == ["user", "assistant"]
+
+
+def test_an_exchange_stopped_at_a_call_has_no_reply_text():
+    stopped = Turn(
+        prompt=[{"role": "user", "content": "q"}],
+        reply=[
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "c", "content": '{"error": "not run: not allowed"}'},
+        ],
+    )
+    assert stopped.reply_text == ""
+
+
+def test_tools_stay_in_memory_keep_through_reset_and_are_not_saved(tmp_path):
+    conversation = Conversation()
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    conversation.tools.add(add, allow_run=True)
+    conversation.put(exchange("q", "a"))
+    conversation.reset()
+    assert conversation.tools.names == ["add"] and conversation.tools.can_run("add")
+    assert "tools" not in conversation.to_dict()
+    loaded = Conversation.load(conversation.save(tmp_path / "c.json"))
+    assert len(loaded.tools) == 0
