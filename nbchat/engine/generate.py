@@ -252,8 +252,10 @@ class Generator:
             len(prompt) + min(max_new_tokens, DECODE_RESERVE),
         )
         cache = self._cache_with_capacity(kv_cache.capacity_for(min(needed, context), context), reused)
+        # The ids of the tokens in the cache. The engine holds this very list between calls: it is only
+        # changed while the cache is taken (when the engine holds an empty list instead).
         in_cache = prompt[:reused]
-        self._keep_cache(cache, list(in_cache))
+        self._keep_cache(cache, in_cache)
 
         result = None
         for i, (start, padded, real) in enumerate(chunks):
@@ -266,7 +268,7 @@ class Generator:
                 self._params, cache, tokens, np.int32(start), np.int32(real), initial_state, settings, bits
             )
             in_cache = prompt[: start + real]
-            self._keep_cache(cache, list(in_cache))
+            self._keep_cache(cache, in_cache)
 
         for produced in range(1, max_new_tokens + 1):
             event = self._event(result, n_top)
@@ -280,7 +282,7 @@ class Generator:
             if position + 1 > self._cache_capacity():
                 capacity = kv_cache.capacity_for(min(position + DECODE_RESERVE, context), context)
                 cache = kv_cache.resized(self._take_cache(), capacity)
-                self._keep_cache(cache, list(in_cache))
+                self._keep_cache(cache, in_cache)
             bits = self._allowed_bits(constraint)
             cache = self._take_cache()
             cache, state, result = self._program(
@@ -294,7 +296,7 @@ class Generator:
                 bits,
             )
             in_cache.append(event.token_id)
-            self._keep_cache(cache, list(in_cache))
+            self._keep_cache(cache, in_cache)
 
     def _check_current(self, generation: int) -> None:
         if self._generation != generation:
