@@ -83,6 +83,11 @@ def sampling(tmp_path_factory):
     return execute("sampling.ipynb", tmp_path_factory.mktemp("sampling"))
 
 
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory):
+    return execute("tools.ipynb", tmp_path_factory.mktemp("tools"))
+
+
 def test_quickstart_runs_without_errors(quickstart):
     assert_no_errors(quickstart)
 
@@ -150,6 +155,64 @@ def test_sampling_runs_without_errors(sampling):
 )
 def test_sampling_notebook_findings(sampling, check, expected):
     assert printed(cell_by_source(sampling, check)).strip() == expected
+
+
+def test_tools_runs_without_errors(tools):
+    assert_no_errors(tools)
+
+
+def test_tools_json_mode_stores_a_parsed_object(tools):
+    reply = reply_output(cell_by_source(tools, "%%chat --json --out cat"))
+    value = reply.data["application/json"]
+    assert isinstance(value, dict) and value
+    assert reply.data["text/markdown"] == "```json\n" + json.dumps(value, indent=2) + "\n```"
+    assert reply.metadata["nbchat"]["settings"]["response_format"] == {"type": "json_object"}
+    assert printed(cell_by_source(tools, "print(type(cat).__name__, cat)")) == f"dict {value}\n"
+
+
+def test_tools_schema_from_a_pydantic_class_stores_an_instance(tools):
+    reply = reply_output(cell_by_source(tools, "%%chat --new --schema City --out paris"))
+    assert reply.data["application/json"] == {"name": "Paris", "country": "France", "is_capital": True}
+    json_schema = reply.metadata["nbchat"]["settings"]["response_format"]["json_schema"]
+    assert json_schema["name"] == "City" and json_schema["strict"] is True
+    assert printed(cell_by_source(tools, "print(repr(paris))")).strip() == (
+        "City(name='Paris', country='France', is_capital=True)"
+    )
+
+
+def test_tools_a_call_not_allowed_is_shown_with_how_to_allow_it(tools):
+    cell = cell_by_source(tools, "%%chat --new -c weather --tools get_weather --tool-choice get_weather\n")
+    reply = reply_output(cell)
+    assert reply.data["text/plain"] == (
+        '[tool] get_weather(city="Paris") ⏸ not run\n'
+        "  get_weather was not run: allow it with `%chat tools allow get_weather`, "
+        "or re-run the cell with `--run-tools`."
+    )
+    summary = "<details><summary>🔧 <code>get_weather(city=&quot;Paris&quot;)</code> · ⏸ not run</summary>"
+    assert reply.data["text/markdown"].startswith(summary)
+
+
+def test_tools_an_allowed_call_runs_and_the_model_answers_with_its_result(tools):
+    run_tools = reply_output(cell_by_source(tools, "%%chat --new -c weather -s"))
+    text = run_tools.data["text/plain"]
+    call = '[tool] get_weather(city="Paris") -> {"city":"Paris","temperature_c":21,"sky":"sunny"}'
+    assert text.startswith(call + "\n\n")
+    answer = text[len(call) :]
+    assert "Paris" in answer and "21" in answer
+    assert run_tools.metadata["nbchat"]["tool_steps"] == 1
+    listing = cell_by_source(tools, "%chat tools allow get_weather -c weather")
+    assert "Allowed to run: get_weather (conversation 'weather')." in printed(listing)
+    rome = reply_output(cell_by_source(tools, "%%chat -c weather --tool-choice get_weather\nAnd in Rome?"))
+    assert rome.data["text/plain"].startswith('[tool] get_weather(city="Rome") -> ')
+    decorated = reply_output(cell_by_source(tools, "%%chat -c weather --tools celsius_to_fahrenheit"))
+    assert decorated.data["text/plain"].startswith("[tool] celsius_to_fahrenheit(celsius=21) -> 69.8\n\n")
+
+
+def test_tools_history_shows_the_calls_inside_their_exchanges(tools):
+    history = cell_by_source(tools, "%chat history -c weather")
+    transcript = next(out.data["text/plain"] for out in history.outputs if out.output_type == "display_data")
+    assert transcript.count("assistant: [tool] get_weather(") == 2
+    assert "user: And in Rome?" in transcript
 
 
 def test_kernel_interrupt_stops_the_reply_keeps_it_marked_and_the_next_chat_works(tmp_path):
