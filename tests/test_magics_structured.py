@@ -394,6 +394,16 @@ def test_tool_turns_in_history_save_load_rerun_and_undo(chat, tmp_path):
     assert all(message["role"] != "tool" for message in chat.conversation().messages())
 
 
+def test_retry_repeats_a_tool_exchange_with_its_tools_and_permission(chat):
+    cell = f"%%chat --tools explode --tool-choice required --run-tools --max-tokens {TOOL_TOKENS}\nhi"
+    first = chat.run(cell).result
+    retried = chat.run("%chat retry").result
+    assert chat.shell.user_ns["calls"] == ["explode", "explode"]
+    assert len(chat.conversation()) == 1
+    assert roles(retried.messages) == roles(first.messages) == ["user", "assistant", "tool", "assistant"]
+    assert retried.messages[1]["tool_calls"][0]["id"] != first.messages[1]["tool_calls"][0]["id"]
+
+
 def test_show_prompt_includes_the_tools(chat, capsys):
     chat.run(f"%%chat --tools ping --tool-choice ping --show-prompt --max-tokens {TOOL_TOKENS}\nhi")
     shown = chat.outputs[0]["data"]["text/plain"]
