@@ -710,9 +710,9 @@ class ChatMagics(Magics):
 
         When the model calls tools, each step's calls are shown, the allowed ones run
         (:meth:`_run_tool_calls`) and the model gets their results in the next request, until it
-        answers in text, a call may not run, or ``max_tool_steps`` rounds ran. Every request of the
-        exchange is checked before the first one starts. Returns None (conversation unchanged) when
-        interrupted before the first token.
+        answers in text, a call may not run, or ``max_tool_steps`` rounds ran. The first request, and
+        the tool_choice later steps use, are checked before the model loads. Returns None
+        (conversation unchanged) when interrupted before the first token.
         """
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         registry = self._tools_for(conversation, settings.get("tools") or [])
