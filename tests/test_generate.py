@@ -5,6 +5,7 @@ interrupting a generation at any point leaves the engine usable."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -334,3 +335,16 @@ def test_a_second_generation_of_the_same_shapes_compiles_nothing(params):
     list(engine.generate(prompt(20, seed=16), GREEDY, max_new_tokens=3))  # no reuse: a fresh prefill
     assert engine.last_reused_tokens == 0
     assert step_program(config)._cache_size() == compiled
+
+
+def test_the_generator_turns_on_the_persistent_compilation_cache_keyed_per_machine(generator, monkeypatch):
+    from nbchat.engine import jax_setup
+
+    if jax_setup.enable_persistent_compilation_cache() is None:
+        pytest.skip("this process configured its own JAX compilation cache directory")
+    assert jax.config.jax_compilation_cache_dir == str(jax_setup.compilation_cache_dir())
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    key = jax_setup.machine_key()
+    assert len(key) == 16 and key == jax_setup.machine_key()
+    monkeypatch.setenv("NBCHAT_HOME", "/somewhere/else")
+    assert jax_setup.compilation_cache_dir() == Path("/somewhere/else/jax-cache") / key
