@@ -22,6 +22,9 @@ __version__ = "0.1.0"
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
     "Engine": "nbchat.api",
+    "Tool": "nbchat.tools",
+    "ToolRegistry": "nbchat.tools",
+    "tool": "nbchat.tools",
 }
 
 __all__ = [
@@ -30,13 +33,17 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
     "NbchatError",
+    "Tool",
+    "ToolRegistry",
     "UnsupportedModelError",
     "load_ipython_extension",
+    "tool",
     "unload_ipython_extension",
 ]
 
 if TYPE_CHECKING:
     from nbchat.api import Engine
+    from nbchat.tools import Tool, ToolRegistry, tool
 
 
 def __getattr__(name: str) -> Any:

@@ -84,7 +84,7 @@ Structured output: --json asks for a JSON object, --schema VAR for JSON valid fo
 max_tokens is marked and --out stores its text.
 Tools: --tools F,G offers the notebook's functions F and G (or nbchat Tools) with the conversation's
 tools. A call the model makes is shown (name, arguments, result); it runs in this kernel only when
-allowed: --run-tools (this cell), %chat tools allow F, or @nbchat.tools.tool(allow_run=True). A result
+allowed: --run-tools (this cell), %chat tools allow F, or @nbchat.tool(allow_run=True). A result
 (or the error a tool raised) goes back to the model, which answers or calls again, up to
 --max-tool-steps rounds (default 5). --tool-choice required|NAME forces the first step to call a
 tool; later steps are auto. A call that may not run is shown with how to allow it, and the cell stops.
