@@ -164,11 +164,14 @@ def same_calls(message, streamed: list[dict]) -> bool:
 
 
 def assert_openai_shapes(response, chunks) -> None:
+    """Both validate as openai's types, with no field those types do not know."""
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-    ChatCompletion.model_validate(response.model_dump())
+    from tests.test_api import assert_exact_openai_shape
+
+    assert_exact_openai_shape(response, ChatCompletion)
     for chunk in chunks:
-        ChatCompletionChunk.model_validate(chunk.model_dump())
+        assert_exact_openai_shape(chunk, ChatCompletionChunk)
 
 
 # ==================================================================================================
@@ -354,6 +357,20 @@ def test_auto_text_or_calls_always_well_formed(engine):
         else:
             assert TOOL_CALL_OPEN not in (choice.message.content or "")
             assert choice.finish_reason in ("stop", "length")
+
+
+def test_auto_with_a_json_response_format_gives_that_json_or_calls(engine, less_whitespace):
+    for seed in range(4):  # which of the two a random model picks is its business; each is well formed
+        response = create(engine, tools=TOOLS, response_format=schema_format(ENUMS), max_tokens=120,
+                          temperature=1.0, seed=seed, logit_bias=less_whitespace)
+        message = response.choices[0].message
+        if message.tool_calls:
+            assert message.content is None
+            assert_valid_calls(message)
+            assert response.choices[0].finish_reason == "tool_calls"
+        else:
+            jsonschema.validate(json.loads(message.content), strict_copy(ENUMS))
+            assert response.choices[0].finish_reason == "stop"
 
 
 def test_parallel_calls_until_cut(engine, less_whitespace):
