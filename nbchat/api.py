@@ -1,11 +1,12 @@
 """The in-process OpenAI-style chat completion API: ``Engine`` and
 ``engine.chat.completions.create(**request)``.
 
-A request is validated (``nbchat.protocol``) and rendered into prompt ids (``nbchat.templates``)
+A request is validated (``nbchat.protocol``), rendered into prompt ids (``nbchat.templates``) and,
+for ``response_format`` and ``tools``, given a grammar constraint (``nbchat.engine.constraints``)
 before any compute; then the engine's ``Generator`` yields token events that become stream chunks
-(detokenized, cut at stop strings, with logprobs). A non-streaming response is that same stream
-collected, so the two can never disagree. Every surface (magics, panel, kernel, server, CLI) calls
-this module.
+(detokenized, cut at stop strings, tool calls parsed out by ``nbchat.tools``, with logprobs). A
+non-streaming response is that same stream collected, so the two can never disagree. Every surface
+(magics, panel, kernel, server, CLI) calls this module.
 
 Must not: know of notebooks or HTTP; hold model math (``nbchat.engine``) or template text.
 """
