@@ -20,15 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbchat.errors import NbchatError
+from nbchat.errors import ConversationError
 from nbchat.tools import ToolRegistry
 
 FILE_FORMAT = "nbchat.conversation"
 FILE_VERSION = 1
-
-
-class ConversationError(NbchatError, ValueError):
-    """An operation the conversation cannot do (undo when empty) or a malformed conversation file."""
 
 
 @dataclass

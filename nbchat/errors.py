@@ -44,6 +44,10 @@ class ContextLengthError(InvalidRequestError):
         )
 
 
+class ConversationError(NbchatError, ValueError):
+    """An operation a conversation cannot do (undo when empty) or a malformed conversation file."""
+
+
 class ModelNotFoundError(NbchatError, LookupError):
     """A model name, path or repo id that cannot be resolved or fetched."""
 
