@@ -425,7 +425,7 @@ def test_help_documents_structured_output_and_tools(chat, capsys):
         "--max-tool-steps N",
         "tools allow|deny F",
         "Structured output: --json",
-        "@nbchat.tools.tool(allow_run=True)",
+        "@nbchat.tool(allow_run=True)",
     ):
         assert expected in text
 
