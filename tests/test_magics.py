@@ -20,7 +20,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbchat.conversation import Conversation
-from nbchat.notebook import magics as magics_module
+from nbchat.notebook import engines as engines_module
 from nbchat.notebook.render import INTERRUPTED_MARKDOWN, INTERRUPTED_TEXT
 from tests.test_render import RecordingPublisher
 
@@ -161,7 +161,7 @@ def test_config_magic_sets_traits_and_settings_shows_their_source(chat):
 def test_unload_removes_everything_and_reload_restores_it(chat, tiny_model_dir, capsys):
     shell = chat.shell
     chat.run("%%chat\nload the model")
-    engines_before = dict(magics_module._ENGINES)
+    engines_before = dict(engines_module._ENGINES)
     shell.run_line_magic("unload_ext", "nbchat")
     try:
         assert "chat" not in shell.magics_manager.magics["line"]
@@ -181,14 +181,14 @@ def test_unload_removes_everything_and_reload_restores_it(chat, tiny_model_dir, 
     capsys.readouterr()
     assert chat.run("%%chat\nstill works").result.turn == 0  # conversations go with the old instance
     assert "Loading" not in capsys.readouterr().out  # the loaded model survives unload and reload
-    assert all(magics_module._ENGINES[key] is engine for key, engine in engines_before.items())
+    assert all(engines_module._ENGINES[key] is engine for key, engine in engines_before.items())
 
 
 # --- chatting -------------------------------------------------------------------------------------
 
 
 def test_first_chat_loads_the_model_with_a_summary_line(chat, tiny_model_dir, capsys):
-    magics_module._ENGINES.pop((str(tiny_model_dir), None), None)
+    engines_module._ENGINES.pop((str(tiny_model_dir), None), None)
     chat.run("%%chat\nHello")
     printed = capsys.readouterr().out
     assert f"Loading {tiny_model_dir}" in printed
@@ -368,7 +368,7 @@ def test_show_prompt_and_chat_prompt_show_the_templated_prompt_and_token_count(c
     chat.run("%%chat\nFirst")
     chat.outputs.clear()
     reply = chat.run("%%chat --show-prompt\nShow me").result
-    engine = magics_module._ENGINES[(str(tiny_model_dir), None)]
+    engine = engines_module._ENGINES[(str(tiny_model_dir), None)]
     text, ids = engine.render_prompt(reply.messages[:-1])
     assert "<|im_start|>user\nShow me<|im_end|>" in text
     assert len(ids) == reply.usage["prompt_tokens"]

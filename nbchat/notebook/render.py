@@ -391,6 +391,16 @@ def show(markdown: str, text: str, metadata: dict[str, Any] | None = None) -> No
     display({"text/markdown": markdown, "text/plain": text}, raw=True, metadata=metadata or {})
 
 
+def warn(message: str) -> None:
+    """A warning under the reply (stderr: front ends show it apart from the output)."""
+    print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (a UsageError or a warning is one line)."""
+    return " ".join(str(error).split())
+
+
 def transcript(
     messages: list[dict[str, Any]], interrupted: set[int] | frozenset[int] = frozenset()
 ) -> tuple[str, str]:

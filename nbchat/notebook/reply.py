@@ -1,0 +1,162 @@
+"""What a ``%%chat`` returns, and how one streamed reply is read.
+
+:class:`ChatReply` is a cell's result (its ``Out``, and what ``--out`` stores). :func:`stream_reply`
+reads one streamed chat completion into a :class:`StreamOutcome` -- text, tool calls gathered from
+their deltas, finish reason, usage -- drawing it in a ``render.ReplyView`` as it comes;
+:func:`structured_value` is the value of a ``--json`` / ``--schema`` reply. Nothing here builds
+requests, runs tools, loads models or keeps conversations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbchat.errors import NbchatError
+from nbchat.notebook.render import ReplyView, one_line, parse_json, warn
+from nbchat.tools import new_tool_call_id
+
+
+@dataclass(repr=False)
+class ChatReply:
+    """The result of a ``%%chat`` cell: the reply text, the full message list and the token usage.
+
+    ``value`` is what ``--out`` stores: the parsed JSON of a ``--json`` / ``--schema`` reply (an
+    instance of the pydantic class given to ``--schema``), else the text -- also when the JSON is
+    incomplete. ``tool_calls`` are the calls the model made in this exchange (OpenAI dicts); their
+    results are among ``messages``. ``usage`` adds up every request of the exchange.
+
+    Its repr is a one-line summary, so the cell's ``Out`` does not print the streamed reply again.
+    """
+
+    text: str
+    messages: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+    finish_reason: str | None
+    interrupted: bool
+    model: str
+    conversation: str
+    turn: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    value: Any = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        tokens = (self.usage or {}).get("completion_tokens")
+        parts = [f"conversation={self.conversation!r}", f"turn={self.turn}"]
+        if tokens is not None:
+            parts.append(f"{tokens} tokens")
+        if self.tool_calls:
+            count = len(self.tool_calls)
+            parts.append(f"{count} tool call{'' if count == 1 else 's'}")
+        parts.append("interrupted" if self.interrupted else f"finish_reason={self.finish_reason!r}")
+        return f"ChatReply({', '.join(parts)})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
+@dataclass
+class StreamOutcome:
+    """What one streamed request produced: its text, its tool calls (OpenAI dicts, by index), how it
+    ended, its token usage, and whether the user interrupted it."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    interrupted: bool = False
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Token usage of an exchange of several requests: every count added up."""
+    if usage is None:
+        return total
+    if total is None:
+        return dict(usage)
+    return {key: total.get(key, 0) + value for key, value in usage.items() if isinstance(value, int)}
+
+
+def _gather_tool_call(calls: list[dict[str, Any]], delta: Any) -> None:
+    """Add one streamed tool-call delta to ``calls`` (OpenAI dicts, by index): the first delta of a
+    call carries its id and name, later ones pieces of the arguments."""
+    while len(calls) <= delta.index:
+        calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call = calls[delta.index]
+    if delta.id:
+        call["id"] = delta.id
+    elif not call["id"]:
+        call["id"] = new_tool_call_id()
+    if delta.function is not None:
+        call["function"]["name"] += delta.function.name or ""
+        call["function"]["arguments"] += delta.function.arguments or ""
+
+
+def stream_reply(
+    open_stream: Callable[[dict[str, Any]], Iterable[Any]], request: dict[str, Any], view: ReplyView
+) -> StreamOutcome:
+    """Stream ``request`` (through ``open_stream``) into ``view``: text deltas and tool-call deltas
+    (gathered by index). A KeyboardInterrupt ends it and keeps what arrived; an NbchatError
+    propagates; any other error blanks the view first."""
+    outcome = StreamOutcome()
+    stream = None
+    try:
+        stream = open_stream(request)
+        for chunk in stream:
+            if chunk.usage is not None:
+                outcome.usage = chunk.usage.model_dump()
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    outcome.text += choice.delta.content
+                    view.append(choice.delta.content)
+                for delta in choice.delta.tool_calls or ():
+                    _gather_tool_call(outcome.tool_calls, delta)
+                    function = delta.function
+                    view.tool_call_delta(
+                        delta.index,
+                        name=function.name if function else None,
+                        arguments=(function.arguments or "") if function else "",
+                    )
+                if choice.finish_reason is not None:
+                    outcome.finish_reason = choice.finish_reason
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    except NbchatError:
+        raise
+    except Exception:
+        view.discard()
+        raise
+    finally:
+        close = getattr(stream, "close", None)  # a stream a test or a tool wraps may be a plain iterable
+        if close is not None:
+            close()
+    return outcome
+
+
+def structured_value(
+    text: str, outcome: StreamOutcome, max_tokens: int | None, schema_class: type | None
+) -> Any:
+    """The value of a ``--json`` / ``--schema`` reply: the parsed JSON (validated with
+    ``schema_class`` when given); the text, with a warning, when the reply is not complete JSON."""
+    if outcome.interrupted or outcome.finish_reason == "length":
+        why = "was interrupted" if outcome.interrupted else f"was cut off at max_tokens={max_tokens}"
+        warn(f"the reply {why}, so it is not complete JSON; its value (and --out) is the text.")
+        return text
+    complete, value = parse_json(text)
+    if not complete:
+        warn("the reply is not valid JSON; its value (and --out) is the text.")
+        return text
+    if schema_class is None:
+        return value
+    try:
+        return schema_class.model_validate(value)  # type: ignore[attr-defined]
+    except Exception as error:  # pydantic's ValidationError (the grammar checked only the schema)
+        warn(
+            f"the JSON does not validate as {schema_class.__name__} ({one_line(error)}); "
+            "its value (and --out) is the parsed JSON."
+        )
+        return value
