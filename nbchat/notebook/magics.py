@@ -25,7 +25,7 @@ from traitlets import Bool, Enum, Float, Int, List, Unicode
 from nbchat.conversation import Conversation, ConversationError, Turn
 from nbchat.errors import InvalidRequestError, NbchatError
 from nbchat.models import DEFAULT_MODEL
-from nbchat.notebook import render
+from nbchat.notebook import render, tool_loop
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
 from nbchat.notebook.engines import engine_summary, known_models, loaded_engine, shared_engine
 from nbchat.notebook.options import (
@@ -47,14 +47,6 @@ from nbchat.notebook.options import (
 )
 from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, structured_value
-from nbchat.notebook.tool_loop import (
-    TOOL_ACTIONS,
-    change_tools,
-    first_request,
-    run_exchange,
-    tool_specs,
-    tools_for,
-)
 
 __all__ = [
     "COMMANDS_HELP",
@@ -239,8 +231,8 @@ class ChatMagics(Magics):
         showing it as it streams; store the turn. The requests are checked before the model loads.
         Returns None (conversation unchanged) when interrupted before the first token."""
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
-        registry = tools_for(conversation, settings.get("tools") or [], self.shell.user_ns)
-        request = first_request(messages, settings, tool_specs(registry))
+        registry = tool_loop.tools_for(conversation, settings.get("tools") or [], self.shell.user_ns)
+        request = tool_loop.first_request(messages, settings, tool_loop.tool_specs(registry))
         engine = shared_engine(settings["model"], self.dtype)
         if show_prompt:
             self._show_prompt(engine, messages, tools=request.get("tools"))
@@ -249,7 +241,7 @@ class ChatMagics(Magics):
         )
         metadata = {"model": settings["model"], "conversation": conversation.name, "turn": index}
         open_stream = partial(self._open_stream, engine)
-        exchange = run_exchange(open_stream, request, view, registry, settings, metadata)
+        exchange = tool_loop.run_exchange(open_stream, request, view, registry, settings, metadata)
         if exchange is None:
             print("Interrupted before the model replied; the conversation is unchanged.")
             return None
@@ -268,19 +260,7 @@ class ChatMagics(Magics):
             code, _ = render.extract_code(text)
             if code.strip():
                 self.shell.set_next_input(code)
-        return ChatReply(
-            text=text,
-            messages=[*messages, *exchange.reply],
-            usage=exchange.usage,
-            finish_reason=last.finish_reason,
-            interrupted=last.interrupted,
-            model=settings["model"],
-            conversation=conversation.name,
-            turn=index,
-            settings=dict(exchange.metadata["settings"]),
-            value=value,
-            tool_calls=exchange.tool_calls,
-        )
+        return exchange.chat_reply(text, value)
 
     def _open_stream(self, engine: Any, request: dict[str, Any]) -> Any:
         """Start a streamed chat completion (one place, so tools and tests can wrap the stream)."""
@@ -298,23 +278,12 @@ class ChatMagics(Magics):
 
     # --- %chat commands ---------------------------------------------------------------------------
 
-    # Each command NAME is the method _cmd_NAME(rest of the line).
-    COMMANDS = (
-        "history",
-        "reset",
-        "undo",
-        "retry",
-        "model",
-        "models",
-        "set",
-        "settings",
-        "system",
-        "prompt",
-        "save",
-        "load",
-        "conversations",
-        "tools",
-        "help",
+    # Each command NAME is the method _cmd_NAME(rest of the line); listed in this order.
+    COMMANDS = tuple(
+        (
+            "history reset undo retry model models set settings system prompt "
+            "save load conversations tools help"
+        ).split()
     )
 
     def _command(self, line: str) -> Any:
@@ -348,16 +317,15 @@ class ChatMagics(Magics):
     def _cmd_history(self, rest: str) -> None:
         conversation, words = self._target(rest)
         self._no_arguments("history", words)
-        messages = conversation.messages(default_system=self.system_prompt)
         if not conversation.turns:
             print(f"Conversation {conversation.name!r} is empty.")
             return
-        interrupted = set()
-        position = len(messages) - sum(len(turn.messages) for turn in conversation.turns)
+        messages = conversation.context(0, default_system=self.system_prompt)  # the system prompt
+        interrupted = set()  # positions of interrupted replies in messages
         for turn in conversation.turns:
-            position += len(turn.messages)
+            messages += turn.messages
             if turn.interrupted:
-                interrupted.add(position - 1)
+                interrupted.add(len(messages) - 1)
         markdown, text = render.transcript(messages, interrupted)
         render.show(
             markdown, text, {"nbchat": {"conversation": conversation.name, "turns": len(conversation)}}
@@ -410,9 +378,12 @@ class ChatMagics(Magics):
         self._no_arguments("models", split_words(rest))
         rows = known_models()
         yes = {True: "yes", False: ""}
-        markdown = "| model | description | cached | loaded |\n|---|---|---|---|\n" + "".join(
-            f"| `{name}` | {description} | {yes[is_cached]} | {yes[is_loaded]} |\n"
-            for name, description, is_cached, is_loaded in rows
+        markdown = render.markdown_table(
+            ("model", "description", "cached", "loaded"),
+            (
+                (f"`{name}`", description, yes[cached], yes[loaded])
+                for name, description, cached, loaded in rows
+            ),
         )
         text = "\n".join(
             f"{name}{' [cached]' if is_cached else ''}{' [loaded]' if is_loaded else ''}: {description}"
@@ -451,9 +422,9 @@ class ChatMagics(Magics):
             ("system", system, system_source),
             ("dtype", self.dtype, "config" if self.dtype else "default"),
         ]
-        markdown = (
-            f"Conversation `{conversation.name}`\n\n| setting | value | from |\n|---|---|---|\n"
-            + "".join(f"| {key} | `{json.dumps(value)}` | {source} |\n" for key, value, source in rows)
+        markdown = f"Conversation `{conversation.name}`\n\n" + render.markdown_table(
+            ("setting", "value", "from"),
+            ((key, f"`{json.dumps(value)}`", source) for key, value, source in rows),
         )
         text = f"Conversation {conversation.name!r}\n" + "\n".join(
             f"  {key} = {json.dumps(value)}  ({source})" for key, value, source in rows
@@ -487,7 +458,9 @@ class ChatMagics(Magics):
         # After tool calls, the last reply was generated from the calls and results before it.
         replies = [at for at, message in enumerate(last.reply) if message.get("role") == "assistant"]
         messages += last.reply[: replies[-1]] if replies else []
-        tools = tool_specs(tools_for(conversation, last.options.get("tools") or [], self.shell.user_ns))
+        tools = tool_loop.tool_specs(
+            tool_loop.tools_for(conversation, last.options.get("tools") or [], self.shell.user_ns)
+        )
         model = last.model or self._settings(conversation, {})["model"]
         self._show_prompt(shared_engine(model, self.dtype), messages, tools=tools)
 
@@ -519,8 +492,8 @@ class ChatMagics(Magics):
             self._show_tools(conversation)
             return
         action = words[0]
-        named = change_tools(conversation, action, split_names(words[1:]), self.shell.user_ns)
-        print(f"{TOOL_ACTIONS[action]}: {', '.join(named)} (conversation {conversation.name!r}).")
+        named = tool_loop.change_tools(conversation, action, split_names(words[1:]), self.shell.user_ns)
+        print(f"{tool_loop.TOOL_ACTIONS[action]}: {', '.join(named)} (conversation {conversation.name!r}).")
 
     def _show_tools(self, conversation: Conversation) -> None:
         registry = conversation.tools
@@ -535,12 +508,9 @@ class ChatMagics(Magics):
             parameters = ", ".join(tool.parameters.get("properties", {}))
             runs = "yes" if tool.allow_run else ("no function" if tool.function is None else "no")
             rows.append((f"{tool.name}({parameters})", runs, " ".join(tool.description.split())))
-        markdown = (
-            f"Tools of `{conversation.name}`\n\n| tool | runs when called | description |\n|---|---|---|\n"
-            + "".join(
-                f"| `{name}` | {runs} | {description.replace('|', chr(92) + '|')} |\n"
-                for name, runs, description in rows
-            )
+        markdown = f"Tools of `{conversation.name}`\n\n" + render.markdown_table(
+            ("tool", "runs when called", "description"),
+            ((f"`{name}`", runs, description.replace("|", "\\|")) for name, runs, description in rows),
         )
         text = f"Tools of {conversation.name!r}\n" + "\n".join(
             f"  {name}  runs: {runs}" + (f"  -- {description}" if description else "")

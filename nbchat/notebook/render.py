@@ -19,7 +19,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -389,6 +389,13 @@ class ReplyView:
 def show(markdown: str, text: str, metadata: dict[str, Any] | None = None) -> None:
     """Display a Markdown block with its plain-text form for front ends (and terminals) without Markdown."""
     display({"text/markdown": markdown, "text/plain": text}, raw=True, metadata=metadata or {})
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of ``rows`` under ``header``; cells go in as written (format them first)."""
+    lines = [f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def warn(message: str) -> None:

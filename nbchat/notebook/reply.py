@@ -1,10 +1,11 @@
 """What a ``%%chat`` returns, and how one streamed reply is read.
 
-:class:`ChatReply` is a cell's result (its ``Out``, and what ``--out`` stores). :func:`stream_reply`
-reads one streamed chat completion into a :class:`StreamOutcome` -- text, tool calls gathered from
-their deltas, finish reason, usage -- drawing it in a ``render.ReplyView`` as it comes;
-:func:`structured_value` is the value of a ``--json`` / ``--schema`` reply. Nothing here builds
-requests, runs tools, loads models or keeps conversations.
+:class:`ChatReply` is a cell's result (its ``Out``, and what ``--out`` stores), made from the
+:class:`Exchange` the tool loop fills. :func:`stream_reply` reads one streamed chat completion into
+a :class:`StreamOutcome` -- text, tool calls gathered from their deltas, finish reason, usage --
+drawing it in a ``render.ReplyView`` as it comes; :func:`structured_value` is the value of a
+``--json`` / ``--schema`` reply. Nothing here builds requests, runs tools, loads models or keeps
+conversations.
 """
 
 from __future__ import annotations
@@ -70,6 +71,38 @@ class StreamOutcome:
     usage: dict[str, Any] | None = None
     interrupted: bool = False
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Exchange:
+    """What an exchange produced: the request's messages, the reply messages (assistant messages and
+    tool results), the tool calls the model made, the usage of every request added up, the last
+    reply's outcome, the tool steps run, and the output metadata its display ended with (model,
+    conversation, turn, request settings, how it ended)."""
+
+    messages: list[dict[str, Any]]
+    last: StreamOutcome
+    reply: list[dict[str, Any]] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    steps: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def chat_reply(self, text: str, value: Any) -> ChatReply:
+        """The cell's result, given the reply's text and its value (see :class:`ChatReply`)."""
+        return ChatReply(
+            text=text,
+            messages=[*self.messages, *self.reply],
+            usage=self.usage,
+            finish_reason=self.last.finish_reason,
+            interrupted=self.last.interrupted,
+            model=self.metadata["model"],
+            conversation=self.metadata["conversation"],
+            turn=self.metadata["turn"],
+            settings=dict(self.metadata["settings"]),
+            value=value,
+            tool_calls=self.tool_calls,
+        )
 
 
 def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any] | None:

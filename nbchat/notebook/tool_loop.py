@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -24,7 +23,7 @@ from nbchat.conversation import Conversation
 from nbchat.errors import NbchatError
 from nbchat.notebook.options import REQUEST_SETTINGS, build_request, suggest, tool_from_namespace
 from nbchat.notebook.render import NOT_RUN_PREFIX, ReplyView, ToolCallView, parse_json, warn
-from nbchat.notebook.reply import StreamOutcome, add_usage, stream_reply
+from nbchat.notebook.reply import Exchange, StreamOutcome, add_usage, stream_reply
 from nbchat.tools import Tool, ToolRegistry
 
 # --- the notebook's tools -------------------------------------------------------------------------
@@ -124,20 +123,6 @@ def first_request(
     return request
 
 
-@dataclass
-class Exchange:
-    """What an exchange produced: the reply messages (assistant messages and tool results), the tool
-    calls the model made, the usage of every request added up, the last reply's outcome, the tool
-    steps run, and the output metadata its display ended with."""
-
-    last: StreamOutcome
-    reply: list[dict[str, Any]] = field(default_factory=list)
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
-    steps: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def run_exchange(
     open_stream: Callable[[dict[str, Any]], Iterable[Any]],
     request: dict[str, Any],
@@ -165,7 +150,7 @@ def run_exchange(
     if tools:
         metadata["tools"] = registry.names
     view.start({"nbchat": metadata})
-    exchange = Exchange(last=StreamOutcome(), metadata=metadata)
+    exchange = Exchange(messages=messages, last=StreamOutcome(), metadata=metadata)
     while True:
         try:
             outcome = stream_reply(open_stream, request, view)
