@@ -27,7 +27,8 @@ from nbchat.notebook.render import (
     pretty_json,
     transcript,
 )
-from tests.test_magics import SETTING_TRAITS, Chat, configure
+from tests import test_magics
+from tests.test_magics import SETTING_TRAITS, Chat
 from tests.test_render import RecordingPublisher
 
 # Every value bounded: whatever the random model picks, the reply completes within a few tokens
@@ -92,16 +93,8 @@ number = 7
 '''
 
 
-@pytest.fixture(scope="module")
-def shell(tiny_model_dir):
-    shell = InteractiveShell.instance()
-    saved_publisher = shell.display_pub
-    shell.display_pub = RecordingPublisher(shell=shell)
-    shell.run_line_magic("load_ext", "nbchat")
-    configure(shell, tiny_model_dir)
-    yield shell
-    shell.run_line_magic("unload_ext", "nbchat")
-    shell.display_pub = saved_publisher
+# The same module-scoped shell as test_magics: the extension loaded, the tiny model, displays recorded.
+shell = test_magics.shell
 
 
 @pytest.fixture
