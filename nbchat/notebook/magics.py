@@ -232,7 +232,7 @@ class ChatMagics(Magics):
         Returns None (conversation unchanged) when interrupted before the first token."""
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         registry = tool_loop.tools_for(conversation, settings.get("tools") or [], self.shell.user_ns)
-        request = tool_loop.first_request(messages, settings, tool_loop.tool_specs(registry))
+        request = tool_loop.first_request(messages, settings, registry)
         engine = shared_engine(settings["model"], self.dtype)
         if show_prompt:
             self._show_prompt(engine, messages, tools=request.get("tools"))

@@ -75,18 +75,22 @@ class StreamOutcome:
 
 @dataclass
 class Exchange:
-    """What an exchange produced: the request's messages, the reply messages (assistant messages and
-    tool results), the tool calls the model made, the usage of every request added up, the last
-    reply's outcome, the tool steps run, and the output metadata its display ended with (model,
+    """What an exchange produced: the request's messages, the reply messages (assistant messages,
+    with their tool calls, and tool results), the usage of every request added up, the last reply's
+    outcome, the tool steps run, and the output metadata its display ended with (model,
     conversation, turn, request settings, how it ended)."""
 
     messages: list[dict[str, Any]]
     last: StreamOutcome
     reply: list[dict[str, Any]] = field(default_factory=list)
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, Any] | None = None
     steps: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """Every tool call the model made in the exchange, in order."""
+        return [call for message in self.reply for call in message.get("tool_calls") or ()]
 
     def chat_reply(self, text: str, value: Any) -> ChatReply:
         """The cell's result, given the reply's text and its value (see :class:`ChatReply`)."""

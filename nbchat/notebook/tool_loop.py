@@ -7,8 +7,8 @@ A conversation's tools are the notebook's functions (``%chat tools add F``), and
 tools allow``, ``@nbchat.tool(allow_run=True)``); one that may not is shown with how to allow it and
 answered with an error result, so the stored exchange stays a valid conversation. A forced
 ``tool_choice`` (required or a name) applies to the first step only. Nothing here parses options,
-loads models or stores conversations: the magic hands over the first request, the tools, a stream
-opener and the view, and stores what comes back.
+loads models or stores turns: the magic hands over the first request, the tools, a stream opener
+and the view, and stores what comes back.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ from nbchat.notebook.render import NOT_RUN_PREFIX, ReplyView, ToolCallView, pars
 from nbchat.notebook.reply import Exchange, StreamOutcome, add_usage, stream_reply
 from nbchat.tools import Tool, ToolRegistry
 
+# %chat tools ACTION: what it reports having done.
+TOOL_ACTIONS = {
+    "add": "Added",
+    "remove": "Removed",
+    "allow": "Allowed to run",
+    "deny": "No longer allowed to run",
+}
+
 # --- the notebook's tools -------------------------------------------------------------------------
 
 
@@ -33,14 +41,6 @@ def add_tool(registry: ToolRegistry, tool: Tool) -> None:
     """Add ``tool`` to ``registry``; re-adding a tool the registry allowed to run keeps it allowed."""
     allowed_before = tool.name in registry and registry[tool.name].allow_run
     registry.add(tool, allow_run=tool.allow_run or allowed_before)
-
-
-TOOL_ACTIONS = {  # %chat tools ACTION: what it reports having done
-    "add": "Added",
-    "remove": "Removed",
-    "allow": "Allowed to run",
-    "deny": "No longer allowed to run",
-}
 
 
 def change_tools(
@@ -112,11 +112,11 @@ def _after_first_step(choice: Any) -> Any:
 
 
 def first_request(
-    messages: list[dict[str, Any]], settings: Mapping[str, Any], tools: list[dict[str, Any]] | None
+    messages: list[dict[str, Any]], settings: Mapping[str, Any], registry: ToolRegistry
 ) -> dict[str, Any]:
-    """The exchange's first request. The tool_choice later steps use is checked too, so both fail
-    here, before the model loads."""
-    tool_choice = settings.get("tool_choice")
+    """The exchange's first request, offering ``registry``'s tools. The tool_choice later steps use is
+    checked too, so both fail here, before the model loads."""
+    tools, tool_choice = tool_specs(registry), settings.get("tool_choice")
     request = build_request(messages, settings, tools=tools, tool_choice=tool_choice)
     if tools and tool_choice != _after_first_step(tool_choice):
         build_request(messages, settings, tools=tools, tool_choice=_after_first_step(tool_choice))
@@ -172,7 +172,6 @@ def run_exchange(
         exchange.reply.append(message)
         if not outcome.tool_calls:
             break
-        exchange.tool_calls += outcome.tool_calls
         results, go_on = run_tool_calls(
             registry,
             outcome,
