@@ -5,10 +5,11 @@ traits tagged ``config=True`` (so ``%config ChatMagics.temperature = 0.2`` and `
 work), overridden per conversation by ``%chat set`` and per cell by options. Every error a user can
 cause is shown as one ``UsageError`` line and leaves the conversation unchanged.
 
-This module is the IPython-facing part: the traits, the cell and line magic, the conversations of the
-kernel, and the ``%chat`` commands. It holds no option parsing (``options.py``), no streaming or
-result type (``reply.py``), no tool-call loop (``tool_loop.py``) and no engine loading
-(``engines.py``); the cell grammar is ``cells.py`` and every display ``render.py``.
+This module is the IPython-facing part: the traits, the magic, the kernel's conversations and the
+``%chat`` commands. It must not hold what the other notebook modules do: the options, their help and
+the request (``options.py``), the tools and the exchange loop (``tool_loop.py``), reading a stream
+and the result type (``reply.py``), loading engines (``engines.py``), the cell grammar (``cells.py``)
+or drawing output (``render.py``).
 """
 
 from __future__ import annotations

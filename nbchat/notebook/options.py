@@ -1,11 +1,12 @@
 """What the words of a ``%%chat`` line and of ``%chat set`` mean: the options, the settings, the request.
 
-Holds the ``%%chat`` options (IPython ``magic_arguments``, whose help is the magic's help), shell-style
-splitting of a line, the conversion of ``%chat set KEY=VALUE`` values, the settings a cell's options
-set, the notebook variables options name (``--schema VAR``, ``--tools F,G``) resolved to a
-``response_format`` and to tools, and the chat completion request built from settings and validated.
-Every mistake is a one-line ``UsageError`` naming the option. Nothing here loads a model, streams,
-runs a tool or keeps state: the magic calls these with its settings and the user namespace.
+Holds the ``%%chat`` options (IPython ``magic_arguments``) and the help they print (the ``%chat``
+commands and the cell grammar included), shell-style splitting of a line, ``%chat set KEY=VALUE``
+values, the settings a cell's options set, the notebook variables options name (``--schema VAR``,
+``--tools F``) resolved to a ``response_format`` and to a tool, and the chat completion request built
+from settings and validated. Every mistake is a one-line ``UsageError`` naming the option. Nothing
+here loads a model, streams, runs a tool or keeps state: the magic calls these with its settings and
+the user namespace.
 """
 
 from __future__ import annotations

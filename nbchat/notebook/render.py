@@ -1,4 +1,5 @@
-"""How chat output looks in a notebook: the streaming reply view, reply formats, transcripts.
+"""How chat output looks in a notebook: the streaming reply view, reply formats, transcripts, the
+Markdown blocks and tables of ``%chat`` commands, and one-line warnings.
 
 A reply streams through ONE display handle (``IPython.display``), updated at most ~15 times a second
 however fast tokens come, and ends with a final render: Markdown (the front end highlights fenced
