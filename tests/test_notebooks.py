@@ -7,7 +7,6 @@ written for the test, so the notebooks see the nbchat under test and not some ot
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -15,39 +14,13 @@ import nbformat
 import pytest
 
 from nbchat.notebook.render import INTERRUPTED_TEXT
+from nbchat.notebook.run import execute_notebook, kernel_manager, print_exchange
 
 pytestmark = pytest.mark.integration
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-KERNEL_NAME = "nbchat-test-python"
-
-
-def kernel_manager(workdir: Path):
-    """A KernelManager for an IPython kernel running this interpreter."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    kernel_dir = workdir / "kernels" / KERNEL_NAME
-    kernel_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "nbchat tests",
-        "language": "python",
-    }
-    (kernel_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
-    specs = KernelSpecManager(kernel_dirs=[str(workdir / "kernels")])
-    return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
-
-
 def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(
-        notebook, km=kernel_manager(workdir), timeout=600, resources={"metadata": {"path": str(workdir)}}
-    )
-    client.execute()
-    return notebook
+    return execute_notebook(NOTEBOOKS / name, workdir)
 
 
 def cell_by_source(notebook: nbformat.NotebookNode, start: str) -> nbformat.NotebookNode:
@@ -274,3 +247,17 @@ def test_kernel_interrupt_stops_the_reply_keeps_it_marked_and_the_next_chat_work
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_nbchat_run_prints_each_exchange_of_the_quickstart(quickstart):
+    """What `make demo` prints (`nbchat run` calls print_exchange on every executed cell)."""
+    import io
+
+    printed_text = io.StringIO()
+    for cell in quickstart.cells:
+        print_exchange(cell, printed_text)
+    text = printed_text.getvalue()
+    assert "user> What is the capital of France? Answer in one short sentence.\nassistant> " in text
+    assert "Paris" in text.split("user> And what is the capital of Italy?")[0]
+    assert "user> And what is the capital of Italy?\nassistant> " in text
+    assert "ChatReply(" not in text  # a chat cell's result summary is not printed again
