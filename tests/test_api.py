@@ -12,6 +12,7 @@ import pytest
 
 from nbchat.api import ChatCompletionStream, Engine, EngineBusyError, ModelInfo
 from nbchat.errors import ContextLengthError, InvalidRequestError
+from tests.openai_shapes import assert_exact_openai_shape
 
 USER = [{"role": "user", "content": "Hello! How are you today?"}]
 GREEDY = {"temperature": 0.0}
@@ -33,19 +34,6 @@ def chunks_of(engine, **request) -> list:
 def streamed_text(chunks, index: int = 0) -> str:
     parts = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
     return "".join(part.delta.content or "" for part in parts)
-
-
-def assert_exact_openai_shape(ours, openai_type) -> None:
-    """Validates with the openai type and carries no field that type does not know."""
-    parsed = openai_type.model_validate(ours.model_dump())
-    pending = [parsed]
-    while pending:
-        item = pending.pop()
-        if hasattr(item, "model_extra"):
-            assert not item.model_extra, f"{type(item).__name__} got unknown fields {item.model_extra}"
-            pending.extend(getattr(item, name) for name in type(item).model_fields)
-        elif isinstance(item, list):
-            pending.extend(item)
 
 
 def assert_same_logprobs(first, second) -> None:

@@ -13,24 +13,10 @@ import numpy as np
 import pytest
 
 from nbchat.engine import model
-from nbchat.engine.config import ModelConfig
 from nbchat.engine.generate import Generator, SamplingParams, TokenEvent, plan_prefill, step_program
 from nbchat.errors import ContextLengthError, InvalidRequestError
+from tests.tiny_model import TINY_ENGINE_CONFIG as TINY
 
-TINY = ModelConfig(
-    architecture="llama",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    context_length=1024,
-    tie_word_embeddings=True,
-)
 GREEDY = SamplingParams(temperature=0.0)
 full_forward = jax.jit(model.forward, static_argnums=1)
 

@@ -13,21 +13,8 @@ import pytest
 from nbchat.engine import cache as kv_cache
 from nbchat.engine import model
 from nbchat.engine.config import Llama3RopeScaling, ModelConfig
+from tests.tiny_model import TINY_ENGINE_CONFIG as TINY
 
-TINY = ModelConfig(
-    architecture="llama",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    context_length=1024,
-    tie_word_embeddings=True,
-)
 # Qwen2-style biases, a separate head and Llama 3 RoPE scaling, all in one config.
 TINY_VARIANT = ModelConfig(
     architecture="qwen2",

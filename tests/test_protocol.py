@@ -25,6 +25,7 @@ from nbchat.protocol import (
     Usage,
     validate_request,
 )
+from tests.openai_shapes import assert_exact_openai_shape
 
 USER = [{"role": "user", "content": "Hi"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -426,19 +427,6 @@ def _chunks() -> list[ChatCompletionChunk]:
         chunk([ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason="length")]),
         chunk([], usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
     ]
-
-
-def assert_exact_openai_shape(ours, openai_type) -> None:
-    """Validates with the openai type and carries no field that type does not know."""
-    parsed = openai_type.model_validate(ours.model_dump())
-    pending = [parsed]
-    while pending:
-        item = pending.pop()
-        if hasattr(item, "model_extra"):
-            assert not item.model_extra, f"{type(item).__name__} got unknown fields {item.model_extra}"
-            pending.extend(getattr(item, name) for name in type(item).model_fields)
-        elif isinstance(item, list):
-            pending.extend(item)
 
 
 def test_response_and_chunks_validate_as_openai_types():

@@ -167,7 +167,7 @@ def assert_openai_shapes(response, chunks) -> None:
     """Both validate as openai's types, with no field those types do not know."""
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-    from tests.test_api import assert_exact_openai_shape
+    from tests.openai_shapes import assert_exact_openai_shape
 
     assert_exact_openai_shape(response, ChatCompletion)
     for chunk in chunks:

@@ -12,6 +12,24 @@ from pathlib import Path
 
 import numpy as np
 
+from nbchat.engine.config import ModelConfig
+
+# The engine-level tiny config (no tokenizer): model and generator tests build random params for it.
+TINY_ENGINE_CONFIG = ModelConfig(
+    architecture="llama",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    context_length=1024,
+    tie_word_embeddings=True,
+)
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 CHATML_TEMPLATE = (
