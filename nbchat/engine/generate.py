@@ -247,28 +247,39 @@ class Generator:
         reused = min(kv_cache.common_prefix_length(self._cached_ids, prompt), len(prompt) - 1)
         self.last_reused_tokens = reused
         chunks = plan_prefill(reused, len(prompt), context)
-        needed = max(
-            max(start + padded for start, padded, _ in chunks),
-            len(prompt) + min(max_new_tokens, DECODE_RESERVE),
+        # A one-chunk prompt (a chat turn) is prefilled at the capacity decoding starts with. The
+        # chunks of a long prompt run at the smallest capacity holding each (attention reads every
+        # slot of the capacity), and the cache grows for decoding afterwards.
+        decode_capacity = kv_cache.capacity_for(
+            min(
+                max(chunks[-1][0] + chunks[-1][1], len(prompt) + min(max_new_tokens, DECODE_RESERVE)), context
+            ),
+            context,
         )
-        cache = self._cache_with_capacity(kv_cache.capacity_for(min(needed, context), context), reused)
+        if len(chunks) == 1:
+            capacities = [decode_capacity]
+        else:
+            capacities = [kv_cache.capacity_for(start + padded, context) for start, padded, _ in chunks]
+        cache = self._cache_with_capacity(capacities[0], reused)
         # The ids of the tokens in the cache. The engine holds this very list between calls: it is only
         # changed while the cache is taken (when the engine holds an empty list instead).
         in_cache = prompt[:reused]
         self._keep_cache(cache, in_cache)
 
         result = None
-        for i, (start, padded, real) in enumerate(chunks):
+        for i, ((start, padded, real), capacity) in enumerate(zip(chunks, capacities, strict=True)):
             last = i == len(chunks) - 1
             tokens = np.zeros((1, padded), np.int32)
             tokens[0, :real] = prompt[start : start + real]
             bits = self._allowed_bits(constraint) if last else self._all_allowed
-            cache = self._take_cache()
+            cache = kv_cache.resized(self._take_cache(), capacity)
             cache, state, result = self._program(
                 self._params, cache, tokens, np.int32(start), np.int32(real), initial_state, settings, bits
             )
             in_cache = prompt[: start + real]
             self._keep_cache(cache, in_cache)
+        if decode_capacity > self._cache_capacity():
+            self._keep_cache(kv_cache.resized(self._take_cache(), decode_capacity), in_cache)
 
         for produced in range(1, max_new_tokens + 1):
             event = self._event(result, n_top)

@@ -183,31 +183,33 @@ def attention(
     cached_k, cached_v: [B, Hkv, C, hd] or None; cache_len: [] int, slots [0, cache_len) are valid.
     Returns [B, T, Hkv, G, hd].
 
+    The G query heads sharing a kv head are stacked as R = G * T rows (row g * T + t), so every
+    score and weighted sum is a plain batched matmul over (B, Hkv) whose output needs no transpose:
+    transposing the [B, Hkv, G, T, C] scores of a long prefill cost more than the matmuls.
     The cached and the new keys are scored separately and share one softmax (a common max and
     denominator), so the cache buffers are only read here: the caller writes the new k/v into them
     after every layer is done. Reading a buffer after an in-place update made XLA:CPU copy the
     whole buffer twice per layer.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    new_scores = jnp.einsum("btkgd,bksd->bkgts", q, k) * scale  # [B, Hkv, G, T, T]
-    causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]  # [B, 1, 1, T, T]
-    new_scores = jnp.where(causal, new_scores, -jnp.inf)
+    B, T, Hkv, G, hd = q.shape
+    scale = 1.0 / math.sqrt(hd)
+    rows = q.transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, hd) * scale  # [B, Hkv, R, hd]
+    row_positions = jnp.tile(positions, (1, G))[:, None, :, None]  # [B, 1, R, 1]
+    new_scores = jnp.einsum("bkrd,bksd->bkrs", rows, k)  # [B, Hkv, R, T]
+    new_scores = jnp.where(positions[:, None, None, :] <= row_positions, new_scores, -jnp.inf)
     if cached_k is None:
-        return jnp.einsum("bkgts,bksd->btkgd", jax.nn.softmax(new_scores, axis=-1), v)
-
-    C = cached_k.shape[2]
-    cached_scores = (
-        jnp.einsum("btkgd,bksd->bkgts", q, cached_k.astype(COMPUTE_DTYPE)) * scale
-    )  # [B,Hkv,G,T,C]
-    cached_scores = jnp.where(jnp.arange(C) < cache_len, cached_scores, -jnp.inf)
-    # Every query sees at least itself, so the max is finite and the denominator positive.
-    top = jnp.maximum(cached_scores.max(axis=-1), new_scores.max(axis=-1))[..., None]  # [B, Hkv, G, T, 1]
-    cached_weights, new_weights = jnp.exp(cached_scores - top), jnp.exp(new_scores - top)
-    total = cached_weights.sum(axis=-1) + new_weights.sum(axis=-1)  # [B, Hkv, G, T]
-    attended = jnp.einsum("bkgts,bksd->bkgtd", cached_weights, cached_v.astype(COMPUTE_DTYPE)) + jnp.einsum(
-        "bkgts,bksd->bkgtd", new_weights, v
-    )
-    return (attended / total[..., None]).transpose(0, 3, 1, 2, 4)
+        attended = jnp.einsum("bkrs,bksd->bkrd", jax.nn.softmax(new_scores, axis=-1), v)
+    else:
+        C = cached_k.shape[2]
+        cached_scores = jnp.einsum("bkrd,bksd->bkrs", rows, cached_k.astype(COMPUTE_DTYPE))  # [B, Hkv, R, C]
+        cached_scores = jnp.where(jnp.arange(C) < cache_len, cached_scores, -jnp.inf)
+        # Every query sees at least itself, so the max is finite and the denominator positive.
+        top = jnp.maximum(cached_scores.max(axis=-1), new_scores.max(axis=-1))[..., None]  # [B, Hkv, R, 1]
+        cached_weights, new_weights = jnp.exp(cached_scores - top), jnp.exp(new_scores - top)
+        total = cached_weights.sum(axis=-1, keepdims=True) + new_weights.sum(axis=-1, keepdims=True)
+        attended = jnp.einsum("bkrs,bksd->bkrd", cached_weights, cached_v.astype(COMPUTE_DTYPE))
+        attended = (attended + jnp.einsum("bkrs,bksd->bkrd", new_weights, v)) / total  # [B, Hkv, R, hd]
+    return attended.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4)
 
 
 def forward(
