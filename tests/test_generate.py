@@ -111,6 +111,7 @@ def test_a_long_prompt_is_prefilled_in_chunks(generator, params):
     prompt_ids = prompt(600, seed=8)
     events = list(generator.generate(prompt_ids, GREEDY, max_new_tokens=4))
     assert generator.last_reused_tokens == 0
+    assert generator._cache.capacity == 768  # 512 slots for the first chunk, then 608 + 4 tokens
     assert_greedy_matches_reference(params, prompt_ids, events)
 
 
