@@ -168,3 +168,33 @@ def test_cli_info_runs_without_a_model(tmp_path):
     assert f"cache directory: {tmp_path}" in result.stdout
     assert "smollm2-135m-instruct    not cached" in result.stdout
     assert "devices: cpu:0" in result.stdout
+
+
+def test_cli_chat_streams_replies_and_keeps_history_until_an_empty_line(tiny_model_dir, tmp_path):
+    env = {"NBCHAT_HOME": str(tmp_path), "PATH": "", "HOME": str(tmp_path)}
+    command = [
+        sys.executable,
+        "-m",
+        "nbchat.cli",
+        "chat",
+        "--model",
+        str(tiny_model_dir),
+        "--max-tokens",
+        "4",
+    ]
+    result = subprocess.run(
+        command, input="Hello\nAgain\n\n", capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("you> ") == 3  # two turns, then the empty line that quits
+    assert result.stdout.count("assistant> ") == 2
+    assert f"{tiny_model_dir.name}: float32 on cpu" in result.stderr
+
+
+def test_cli_reports_a_bad_model_in_one_line(tmp_path):
+    env = {"NBCHAT_HOME": str(tmp_path), "PATH": "", "HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "nbchat.cli", "chat", "--model", str(tmp_path / "nope.gguf")]
+    result = subprocess.run(command, input="", capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("nbchat: ModelNotFoundError: Unknown model")
+    assert "Traceback" not in result.stderr
