@@ -40,6 +40,7 @@ from nbchat.protocol import (
     Usage,
     validate_request,
 )
+from nbchat.tools import add_tool_call_delta
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -576,7 +577,7 @@ def _collect(chunks: Iterator[ChatCompletionChunk], *, logprobs: bool) -> ChatCo
 class _CollectedChoice:
     def __init__(self) -> None:
         self.content: list[str] = []
-        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.tool_calls: list[dict[str, Any]] = []
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: FinishReason = "length"
 
@@ -584,11 +585,7 @@ class _CollectedChoice:
         if part.delta.content:
             self.content.append(part.delta.content)
         for fragment in part.delta.tool_calls or ():
-            call = self.tool_calls.setdefault(fragment.index, {"id": None, "name": "", "arguments": ""})
-            call["id"] = fragment.id or call["id"]
-            if fragment.function is not None:
-                call["name"] += fragment.function.name or ""
-                call["arguments"] += fragment.function.arguments or ""
+            add_tool_call_delta(self.tool_calls, fragment)
         if part.logprobs is not None and part.logprobs.content:
             self.logprobs.extend(part.logprobs.content)
         if part.finish_reason is not None:
@@ -596,9 +593,8 @@ class _CollectedChoice:
 
     def choice(self, index: int, *, logprobs: bool) -> Choice:
         tool_calls = [
-            ResponseToolCall(id=call["id"], function=ResponseFunctionCall(name=call["name"],
-                                                                          arguments=call["arguments"]))
-            for _, call in sorted(self.tool_calls.items())
+            ResponseToolCall(id=call["id"], function=ResponseFunctionCall(**call["function"]))
+            for call in self.tool_calls
         ]
         content = "".join(self.content)
         message = ChatCompletionMessage(content=content if content or not tool_calls else None,

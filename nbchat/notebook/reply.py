@@ -16,7 +16,7 @@ from typing import Any
 
 from nbchat.errors import NbchatError
 from nbchat.notebook.render import ReplyView, one_line, parse_json, warn
-from nbchat.tools import new_tool_call_id
+from nbchat.tools import add_tool_call_delta
 
 
 @dataclass(repr=False)
@@ -118,21 +118,6 @@ def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dic
     return {key: total.get(key, 0) + value for key, value in usage.items() if isinstance(value, int)}
 
 
-def _gather_tool_call(calls: list[dict[str, Any]], delta: Any) -> None:
-    """Add one streamed tool-call delta to ``calls`` (OpenAI dicts, by index): the first delta of a
-    call carries its id and name, later ones pieces of the arguments."""
-    while len(calls) <= delta.index:
-        calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-    call = calls[delta.index]
-    if delta.id:
-        call["id"] = delta.id
-    elif not call["id"]:
-        call["id"] = new_tool_call_id()
-    if delta.function is not None:
-        call["function"]["name"] += delta.function.name or ""
-        call["function"]["arguments"] += delta.function.arguments or ""
-
-
 def stream_reply(
     open_stream: Callable[[dict[str, Any]], Iterable[Any]], request: dict[str, Any], view: ReplyView
 ) -> StreamOutcome:
@@ -151,7 +136,7 @@ def stream_reply(
                     outcome.text += choice.delta.content
                     view.append(choice.delta.content)
                 for delta in choice.delta.tool_calls or ():
-                    _gather_tool_call(outcome.tool_calls, delta)
+                    add_tool_call_delta(outcome.tool_calls, delta)
                     function = delta.function
                     view.tool_call_delta(
                         delta.index,
