@@ -236,10 +236,15 @@ class Tool:
                    parameters=dict(fn.get("parameters") or {"type": "object", "properties": {}}))
 
     def to_openai(self) -> dict:
-        """``{"type": "function", "function": {"name", "description", "parameters"}}``."""
+        """``{"type": "function", "function": {"name", "description", "parameters", "strict"}}``.
+
+        A Python function's schema is strict (no argument the function does not take), so the grammar
+        keeps a small model from adding arguments the call would then reject."""
         function = {"name": self.name, "description": self.description, "parameters": self.parameters}
         if not self.description:
             del function["description"]
+        if self.function is not None:
+            function["strict"] = True
         return {"type": "function", "function": function}
 
     def invoke(self, arguments: Mapping[str, Any]) -> Any:

@@ -459,9 +459,8 @@ class ChatMagics(Magics):
         # After tool calls, the last reply was generated from the calls and results before it.
         replies = [at for at, message in enumerate(last.reply) if message.get("role") == "assistant"]
         messages += last.reply[: replies[-1]] if replies else []
-        tools = tool_loop.tool_specs(
-            tool_loop.tools_for(conversation, last.options.get("tools") or [], self.shell.user_ns)
-        )
+        registry = tool_loop.tools_for(conversation, last.options.get("tools") or [], self.shell.user_ns)
+        tools = registry.schemas() or None
         model = last.model or self._settings(conversation, {})["model"]
         self._show_prompt(shared_engine(model, self.dtype), messages, tools=tools)
 

@@ -93,18 +93,6 @@ def tools_for(conversation: Conversation, names: Iterable[str], namespace: Mappi
 # --- the exchange ---------------------------------------------------------------------------------
 
 
-def tool_specs(registry: ToolRegistry) -> list[dict[str, Any]] | None:
-    """The request's ``tools``: a Python function's schema is strict (no argument it does not take),
-    so the grammar keeps a small model from adding arguments the call would then reject."""
-    specs = []
-    for tool in registry:
-        spec = tool.to_openai()
-        if tool.function is not None:
-            spec["function"]["strict"] = True
-        specs.append(spec)
-    return specs or None
-
-
 def _after_first_step(choice: Any) -> Any:
     """The tool_choice of the steps after the first: a forced call (required or named) is asked for
     once, then the model may answer in text (else every step would call a tool until the limit)."""
@@ -116,7 +104,7 @@ def first_request(
 ) -> dict[str, Any]:
     """The exchange's first request, offering ``registry``'s tools. The tool_choice later steps use is
     checked too, so both fail here, before the model loads."""
-    tools, tool_choice = tool_specs(registry), settings.get("tool_choice")
+    tools, tool_choice = registry.schemas() or None, settings.get("tool_choice")
     request = build_request(messages, settings, tools=tools, tool_choice=tool_choice)
     if tools and tool_choice != _after_first_step(tool_choice):
         build_request(messages, settings, tools=tools, tool_choice=_after_first_step(tool_choice))
