@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nbchat.errors import ContextLengthError, InvalidRequestError, NbchatError
+from nbchat.errors import ContextLengthError, EngineBusyError, InvalidRequestError
 from nbchat.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -55,10 +55,6 @@ _PER_CALL_FIELDS = ("messages", "stream", "stream_options", "continue_final_mess
 # How many prompt ids the detokenizer sees before a continued message, so its first token reads right.
 _CONTEXT_IDS_FOR_CONTINUATION = 8
 _MIN_LOGPROB = -9999.0
-
-
-class EngineBusyError(NbchatError, RuntimeError):
-    """A second generation was started on this thread while an earlier stream is still open."""
 
 
 @dataclass(frozen=True)

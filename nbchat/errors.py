@@ -57,5 +57,5 @@ class UnsupportedModelError(NbchatError, ValueError):
     scaling type, a tensor type); refusing is better than silently running a different model."""
 
 
-class GenerationInterrupted(NbchatError):
-    """Generation was stopped by the user (Stop button, kernel interrupt) before it finished."""
+class EngineBusyError(NbchatError, RuntimeError):
+    """A second generation was started on this thread while an earlier stream is still open."""
