@@ -198,3 +198,22 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("nbchat: ModelNotFoundError: Unknown model")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_gguf_tokenizer_is_converted_once_then_read_from_its_cache(smollm2, tmp_path):
+    import shutil
+
+    gguf_copy = tmp_path / "model.gguf"
+    shutil.copy(smollm2.source.path, gguf_copy)
+    converted = load_tokenizer(gguf_copy)
+    stamp = gguf_copy.with_name("model.gguf.tokenizer") / "source-stamp"
+    assert stamp.is_file()
+    cached = load_tokenizer(gguf_copy)
+    text = "<|im_start|>user\nHi 🙂 你好<|im_end|>\n"
+    assert cached(text).input_ids == converted(text).input_ids
+    assert cached.chat_template == converted.chat_template == smollm2.tokenizer.chat_template
+    # A changed file (another size or mtime) is converted again rather than read from a stale cache.
+    stamp.write_text("stale")
+    assert load_tokenizer(gguf_copy)(text).input_ids == converted(text).input_ids
+    assert stamp.read_text() != "stale"
