@@ -16,7 +16,11 @@ Shape letters: B batch, T new tokens, C cache capacity, D hidden, F MLP width, V
 L layers, Hq query heads, Hkv key/value heads, G = Hq // Hkv query heads per kv head, hd head dim.
 
 The parameter pytree (every linear weight ``[out, in]``, layers stacked on a leading L axis) is the
-contract with ``weights.py``; see ``init_random_params`` for its exact keys and shapes.
+contract with ``weights.py``; see ``init_random_params`` for its exact keys and shapes. It may also
+hold ``params["packed"]``: the same weights as the GGUF's 4-/8-bit block codes (``packed.py``), with
+keys ``"layers"`` (a subset of the linear-weight keys) and ``"head"``. A one-token step (decode) reads
+those instead of the float weights: it reads every weight once, so fewer bytes make it faster, while
+a multi-token step (prefill) is a matrix product that the float weights serve faster.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nbchat.engine import cache as kv_cache
+from nbchat.engine import packed
 from nbchat.engine.config import ModelConfig
 
 COMPUTE_DTYPE = jnp.float32
@@ -109,7 +114,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
 
 
 def unstack_layers(params: dict) -> dict:
-    """The same parameters with ``layers`` as a tuple of per-layer dicts instead of stacked arrays.
+    """The same parameters with ``layers`` (and ``packed["layers"]``) as tuples of per-layer dicts
+    instead of stacked arrays.
 
     ``forward`` accepts both forms; the per-layer form is the fast one. Inside a jitted function, a
     layer slice of a stacked array feeds XLA:CPU's dot only after a copy (a dynamic-slice fusion under
@@ -128,9 +134,18 @@ def unstack_layers(params: dict) -> dict:
             return [jax.device_put(host[i], stacked.sharding) for i in range(num_layers)]
         return [stacked[i] for i in range(num_layers)]
 
-    views = {name: layer_views(stacked) for name, stacked in layers.items()}
-    per_layer = tuple({name: views[name][i] for name in layers} for i in range(num_layers))
-    return {**params, "layers": per_layer}
+    def per_layer(stacked_layers: dict) -> tuple[dict, ...]:
+        views = {}
+        for name, value in stacked_layers.items():  # an array, or a PackedWeight of arrays
+            leaves, treedef = jax.tree.flatten(value)
+            leaf_views = [layer_views(leaf) for leaf in leaves]
+            views[name] = [jax.tree.unflatten(treedef, [v[i] for v in leaf_views]) for i in range(num_layers)]
+        return tuple({name: views[name][i] for name in stacked_layers} for i in range(num_layers))
+
+    unstacked = {**params, "layers": per_layer(layers)}
+    if "packed" in params:
+        unstacked["packed"] = {**params["packed"], "layers": per_layer(params["packed"]["layers"])}
+    return unstacked
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -140,7 +155,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x: [..., in] float32; weight: [out, in] in its storage dtype -> [..., out] float32."""
+    """x: [..., in] float32; weight: [out, in] in its storage dtype, or packed block codes ->
+    [..., out] float32."""
+    if isinstance(weight, packed.PackedWeight):
+        return packed.linear(x, weight)
     if weight.dtype != COMPUTE_DTYPE and math.prod(x.shape[:-1]) == 1:
         # One token with bfloat16 weights: XLA:CPU's dot converts a bfloat16 operand ~10x slower
         # than it reads float32, while a multiply-reduce loop fusion converts in registers and runs
@@ -240,13 +258,22 @@ def forward(
     B, T = token_ids.shape
     G = c.num_heads // c.num_kv_heads
     layers = params["layers"]
+    # One token per step: read the packed block codes where the checkpoint has them (see the module
+    # docstring); the float weights serve everything else.
+    packed_params = params.get("packed", {}) if B * T == 1 else {}
+    packed_layers = packed_params.get("layers", [{}] * c.num_layers)
     if isinstance(layers, dict):  # stacked [L, ...] arrays
         layers = [jax.tree.map(lambda stacked, i=i: stacked[i], layers) for i in range(c.num_layers)]
+    if isinstance(packed_layers, dict):
+        packed_layers = [
+            jax.tree.map(lambda stacked, i=i: stacked[i], packed_layers) for i in range(c.num_layers)
+        ]
     cos, sin = rotary_tables(positions, rope_inverse_frequencies(c))  # [B, T, hd/2]
     x = params["embed"][token_ids].astype(COMPUTE_DTYPE)  # [B, T, D]
     new_k, new_v = [], []
 
-    for i, p in enumerate(layers):
+    for i, (dense, compact) in enumerate(zip(layers, packed_layers, strict=True)):
+        p = {**dense, **compact}
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         q, k, v = linear(h, p["q"]), linear(h, p["k"]), linear(h, p["v"])  # [B, T, H*hd]
         if c.attention_bias:
@@ -268,6 +295,7 @@ def forward(
         x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
     x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
     head = params["embed"] if c.tie_word_embeddings else params["lm_head"]  # [V, D]
+    head = packed_params.get("head", head)
     new_cache = None
     if cache is not None:  # written last: see ``attention``
         new_cache = kv_cache.KVCache(

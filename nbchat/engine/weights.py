@@ -218,12 +218,15 @@ def _unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def load_gguf(
-    path: str | Path, dtype: str = "float32", progress: bool = True
+    path: str | Path, dtype: str = "float32", progress: bool = True, pack: bool = True
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Load a llama.cpp GGUF file (architectures llama and qwen2) as (ModelConfig, params).
 
     Quantized tensors are dequantized to ``dtype`` ("float32" or "bfloat16"); tensor types other than
-    ``GGUF_TENSOR_TYPES`` raise ``UnsupportedModelError`` naming the tensor and its type.
+    ``GGUF_TENSOR_TYPES`` raise ``UnsupportedModelError`` naming the tensor and its type. With
+    ``pack``, linear weights stored as Q4_0, Q4_1 or Q8_0 are also kept as their block codes in
+    ``params["packed"]`` (see ``model.py`` and ``packed.py``), which one-token steps read instead:
+    the same values, a third fewer milliseconds per decoded token on SmolLM2-135M.
     """
     from gguf.quants import dequantize
 
@@ -269,7 +272,55 @@ def load_gguf(
             values = _unpermute_rows(values, permuted_heads[key])
         return values
 
-    return config, _assemble(config, _GGUF, read, dtype, progress, f"Loading {path.name}")
+    params = _assemble(config, _GGUF, read, dtype, progress, f"Loading {path.name}")
+    if pack:
+        packed_params = _packed_gguf_params(config, tensors, file_shapes, permuted_heads, progress)
+        if packed_params["layers"] or "head" in packed_params:
+            params["packed"] = packed_params
+    return config, params
+
+
+def _packed_gguf_params(
+    config: ModelConfig,
+    tensors: Mapping[str, Any],
+    file_shapes: Mapping[str, tuple[int, ...]],
+    permuted_heads: Mapping[str, int],
+    progress: bool,
+) -> dict[str, Any]:
+    """``params["packed"]``: each of ``packed.PACKED_LAYER_KEYS`` whose tensors (in every layer) share
+    one packable GGML type, as a PackedWeight stacked on a leading layer axis, and the output head
+    if packable."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from nbchat.engine import packed
+
+    def packed_tensor(name: str, key: str) -> packed.PackedWeight:
+        tensor, shape = tensors[name], file_shapes[name]
+        order = None
+        if key in permuted_heads:  # the rows' new order, as _unpermute_rows reorders values
+            order = _unpermute_rows(np.arange(shape[0]), permuted_heads[key])
+        return packed.packed_from_gguf(tensor.data, tensor.tensor_type.name, shape, order)
+
+    def packable(names: list[str]) -> bool:
+        types = {tensors[name].tensor_type.name for name in names}
+        return len(types) == 1 and packed.packable(types.pop(), file_shapes[names[0]])
+
+    result: dict[str, Any] = {"layers": {}}
+    with tqdm(
+        packed.PACKED_LAYER_KEYS, desc="Packing weights", unit="tensor", disable=not progress, leave=False
+    ) as bar:
+        for key in bar:
+            names = [LAYER_TENSOR_NAMES[key][_GGUF].format(i=i) for i in range(config.num_layers)]
+            if packable(names):
+                per_layer = [packed_tensor(name, key) for name in names]
+                stacked = jax.tree.map(lambda *layers: np.stack(layers), *per_layer)
+                result["layers"][key] = jax.device_put(stacked)
+    head_key = "embed" if config.tie_word_embeddings else "lm_head"
+    head_name = TOP_TENSOR_NAMES[head_key][_GGUF]
+    if packable([head_name]):
+        result["head"] = jax.device_put(packed_tensor(head_name, head_key))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------
