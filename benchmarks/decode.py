@@ -1,12 +1,15 @@
 """Decode benchmark: the engine on the default model, and transformers + torch on the same prompt.
 
     python -m benchmarks.decode [--model PATH_OR_NAME] [--dtypes float32,bfloat16] [--new-tokens 128]
-                                [--repeats 3] [--no-transformers] [--output benchmarks/results/decode.json]
+                                [--repeats 3] [--no-float-weights] [--no-transformers]
+                                [--output benchmarks/results/decode.json]
 
 Measures, at batch 1 with greedy decoding (no stop ids, so every run makes exactly --new-tokens):
 load time, compile time of the prefill and decode programs cold and from the persistent cache,
 time to first token (TTFT), prefill and decode tokens per second at an 80- and a 1000-token prompt,
-peak RSS, and the turn latency of a 10-turn chat with and without prefix reuse. Each configuration
+peak RSS, and the turn latency of a 10-turn chat with and without prefix reuse; for each dtype as
+loaded by default (decode reads the GGUF's packed block codes) and for float32 reading float weights
+in decode too (``load_gguf(pack=False)``, the engine before packing). Each configuration
 runs in its own subprocess so its peak RSS is its own; compile times are measured in two fresh
 subprocesses sharing an empty cache directory (the first compiles, the second loads). Compare
 engines within one run only: on a shared 2-core machine the spread between runs is 10-15%.
@@ -59,17 +62,21 @@ def time_generation(events) -> tuple[float, float, int]:
 # -- workers (each runs in its own process) ------------------------------------------------------------
 
 
-def nbchat_worker(model_path: str, dtype: str, new_tokens: int, repeats: int) -> dict:
+def engine_label(pack: bool) -> str:
+    return "nbchat" if pack else "nbchat, float weights"
+
+
+def nbchat_worker(model_path: str, dtype: str, pack: bool, new_tokens: int, repeats: int) -> dict:
     from nbchat.engine.generate import Generator, SamplingParams
     from nbchat.engine.weights import load_gguf
     from nbchat.tokenizer import load_tokenizer
 
     started = time.perf_counter()
-    config, params = load_gguf(model_path, dtype, progress=False)
+    config, params = load_gguf(model_path, dtype, progress=False, pack=pack)
     load_seconds = time.perf_counter() - started
     generator = Generator(config, params)
     greedy = SamplingParams(temperature=0.0)
-    result: dict = {"engine": "nbchat", "dtype": dtype, "load_s": load_seconds, "prompts": {}}
+    result: dict = {"engine": engine_label(pack), "dtype": dtype, "load_s": load_seconds, "prompts": {}}
 
     for length in PROMPT_LENGTHS:
         warm = synthetic_prompt(length, config.vocab_size, seed=0)
@@ -150,7 +157,7 @@ def chat_turns(generator, tokenizer, *, new_tokens: int, reuse: bool) -> list[di
     return turns
 
 
-def compile_worker(model_path: str, dtype: str) -> dict:
+def compile_worker(model_path: str, dtype: str, pack: bool) -> dict:
     """Lower and compile the prefill (the 80-token prompt's bucket) and decode programs."""
     import jax
     import numpy as np
@@ -161,7 +168,7 @@ def compile_worker(model_path: str, dtype: str) -> dict:
     from nbchat.engine.weights import load_gguf
 
     jax_setup.enable_persistent_compilation_cache()
-    config, params = load_gguf(model_path, dtype, progress=False)
+    config, params = load_gguf(model_path, dtype, progress=False, pack=pack)
     params = model.unstack_layers(params)
     capacity = kv_cache.capacity_for(PROMPT_LENGTHS[0] + DECODE_RESERVE, config.context_length)
     cache = kv_cache.empty_cache(config, 1, capacity)
@@ -288,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-float-weights",
+        action="store_true",
+        help="skip the float32 run that reads float weights in decode too (load_gguf(pack=False))",
+    )
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -296,9 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         kind, *rest = args.worker
         if kind == "nbchat":
-            result = nbchat_worker(rest[0], rest[1], int(rest[2]), int(rest[3]))
+            result = nbchat_worker(rest[0], rest[1], rest[2] == "packed", int(rest[3]), int(rest[4]))
         elif kind == "compile":
-            result = compile_worker(rest[0], rest[1])
+            result = compile_worker(rest[0], rest[1], rest[2] == "packed")
         else:
             result = transformers_worker(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4])
         print(json.dumps(result))
@@ -316,13 +328,17 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_description(),
         "runs": [],
     }
-    for dtype in args.dtypes.split(","):
-        print(f"nbchat {dtype} ...", file=sys.stderr)
-        result = run_worker(["nbchat", model_path, dtype, str(args.new_tokens), str(args.repeats)])
+    variants = [(dtype, "packed") for dtype in args.dtypes.split(",")]
+    if not args.no_float_weights:
+        variants.append(("float32", "float"))
+    for dtype, weights in variants:
+        print(f"nbchat {dtype}, {weights} weights ...", file=sys.stderr)
+        worker_args = [model_path, dtype, weights]
+        result = run_worker(["nbchat", *worker_args, str(args.new_tokens), str(args.repeats)])
         with tempfile.TemporaryDirectory() as empty_home:
             env = {**os.environ, "NBCHAT_HOME": empty_home}
-            result["compile_cold"] = run_worker(["compile", model_path, dtype], env)
-            result["compile_warm"] = run_worker(["compile", model_path, dtype], env)
+            result["compile_cold"] = run_worker(["compile", *worker_args], env)
+            result["compile_warm"] = run_worker(["compile", *worker_args], env)
         report["runs"].append(result)
     if not args.no_transformers and transformers_available():
         # generate() with torch's default threads is how transformers is normally run. The bare
@@ -416,7 +432,7 @@ def format_report(report: dict) -> str:
     if references:
         lines.append("")
         for run in report["runs"]:
-            if run["engine"] != "nbchat":
+            if not run["engine"].startswith("nbchat"):
                 continue
             for length, numbers in run["prompts"].items():
                 ref = max((r["prompts"][length] for r in references), key=lambda p: p["decode_tok_s"])
@@ -425,7 +441,8 @@ def format_report(report: dict) -> str:
                 )
 
                 lines.append(
-                    f"nbchat {run['dtype']}, {length}-token prompt, against transformers float32 generate(): "
+                    f"{run['engine']} {run['dtype']}, {length}-token prompt, against transformers float32 "
+                    "generate(): "
                     f"{ratios(numbers, standard)}; against its fastest run: {ratios(numbers, ref)} "
                     "(above 1: nbchat is faster)"
                 )
@@ -434,7 +451,8 @@ def format_report(report: dict) -> str:
             continue
         lines += [
             "",
-            f"10-turn chat, nbchat {run['dtype']}, {CHAT_REPLY_TOKENS}-token replies: turn latency ms",
+            f"10-turn chat, {run['engine']} {run['dtype']}, {CHAT_REPLY_TOKENS}-token replies: "
+            "turn latency ms",
         ]
         chat = run["chat"]
         rows = []
