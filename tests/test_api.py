@@ -316,7 +316,9 @@ def test_closing_the_stream_early_stops_and_frees_the_engine(engine):
         create(engine, max_tokens=2, **GREEDY)
     stream.close()
     prompt_tokens = len(engine.render_prompt(USER)[1])
-    assert engine._generator.cached_token_count <= prompt_tokens + 3  # no token after the close
+    # No step after the close: at most the tokens delivered so far are cached (the step feeding the
+    # last delivered token starts before it is delivered), far from max_tokens.
+    assert engine._generator.cached_token_count <= prompt_tokens + 4
     with pytest.raises(StopIteration):
         next(stream)
     assert create(engine, max_tokens=2, **GREEDY).usage.completion_tokens == 2

@@ -132,6 +132,21 @@ def test_stop_id_is_yielded_and_ends_the_generation(generator):
     assert stopped == free[: free.index(stop) + 1]
 
 
+def test_a_reply_ended_by_a_stop_id_is_cached_whole_and_reused_correctly(generator, params):
+    # The step after each token starts before the token is delivered, so a reply that ends on a stop
+    # id has the stop id's k/v cached too: a next turn that repeats it reuses all of it.
+    first_prompt = prompt(25, seed=4)
+    free = token_ids(list(generator.generate(first_prompt, GREEDY, max_new_tokens=12)))
+    stop = free[5]
+    reply = token_ids(list(generator.generate(first_prompt, GREEDY, max_new_tokens=12, stop_ids={stop})))
+    assert reply[-1] == stop
+    assert generator.cached_token_count == len(first_prompt) + len(reply)
+    follow_up = first_prompt + reply + prompt(6, seed=5)
+    reused = list(generator.generate(follow_up, GREEDY, max_new_tokens=8))
+    assert generator.last_reused_tokens == len(first_prompt) + len(reply)
+    assert_greedy_matches_reference(params, follow_up, reused)
+
+
 def test_same_seed_same_tokens_other_seed_other_tokens(generator):
     prompt_ids = prompt(20)
 

@@ -281,33 +281,66 @@ class Generator:
         if decode_capacity > self._cache_capacity():
             self._keep_cache(kv_cache.resized(self._take_cache(), decode_capacity), in_cache)
 
+        # Without a constraint the next step needs nothing from the host (its input token stays on
+        # device), so it is started before this token is read: the device computes while the host
+        # delivers the token (detokenizing, rendering), instead of idling between steps (measured
+        # on SmolLM2-135M: 23.3 -> 21.5 ms per token). After a stop token that step was for nothing.
         for produced in range(1, max_new_tokens + 1):
+            more = produced < max_new_tokens
+            ahead = more and constraint is None
+            if ahead:
+                next_result, state = self._decode_step(result, in_cache, state, settings, self._all_allowed)
             event = self._event(result, n_top)
+            if ahead:
+                self._record(in_cache, event.token_id)  # its k/v are being written by that step
             if constraint is not None:
                 constraint.advance(event.token_id)
             yield event
             self._check_current(generation)
-            if event.token_id in stop_ids or produced == max_new_tokens:
+            if event.token_id in stop_ids or not more:
                 return
-            position = len(in_cache)
-            if position + 1 > self._cache_capacity():
-                capacity = kv_cache.capacity_for(min(position + DECODE_RESERVE, context), context)
-                cache = kv_cache.resized(self._take_cache(), capacity)
-                self._keep_cache(cache, in_cache)
-            bits = self._allowed_bits(constraint)
-            cache = self._take_cache()
-            cache, state, result = self._program(
-                self._params,
-                cache,
-                result.token_ids[:, None],
-                np.int32(position),
-                np.int32(1),
-                state,
-                settings,
-                bits,
+            if not ahead:
+                bits = self._allowed_bits(constraint)
+                next_result, state = self._decode_step(result, in_cache, state, settings, bits)
+                self._record(in_cache, event.token_id)
+            result = next_result
+
+    def _decode_step(
+        self,
+        result: sampling.Sample,
+        in_cache: list[int],
+        state: sampling.SamplerState,
+        settings: sampling.SamplingArrays,
+        bits: jax.Array | np.ndarray,
+    ) -> tuple[sampling.Sample, sampling.SamplerState]:
+        """Start the step that feeds ``result``'s token (still on device) at slot ``len(in_cache)``;
+        the caller records the token's id with ``_record`` once it knows it."""
+        position = len(in_cache)
+        if position + 1 > self._cache_capacity():
+            capacity = kv_cache.capacity_for(
+                min(position + DECODE_RESERVE, self.context_length), self.context_length
             )
-            in_cache.append(event.token_id)
-            self._keep_cache(cache, in_cache)
+            self._keep_cache(kv_cache.resized(self._take_cache(), capacity), in_cache)
+        cache = self._take_cache()
+        cache, state, next_result = self._program(
+            self._params,
+            cache,
+            result.token_ids[:, None],
+            np.int32(position),
+            np.int32(1),
+            state,
+            settings,
+            bits,
+        )
+        self._keep_cache(cache, in_cache)  # slot `position` is written but not yet counted as cached
+        return next_result, state
+
+    def _record(self, in_cache: list[int], token_id: int) -> None:
+        """Count the token fed by the last ``_decode_step`` as cached (the list may only change while
+        the cache is taken: see ``_keep_cache``)."""
+        cache = self._take_cache()
+        in_cache.append(token_id)
+        self._keep_cache(cache, in_cache)
 
     def _check_current(self, generation: int) -> None:
         if self._generation != generation:
