@@ -55,10 +55,8 @@ PACKED_FORMATS = {
 }
 
 
-# The layer weights worth packing. Not ``o``: its fused loop also pulls in the attention's final
-# elementwise steps and recomputes them for every output row (measured: one packed ``o`` per layer
-# made the 256-slot decode step 8 ms slower, where the others together made it 10 ms faster).
-PACKED_LAYER_KEYS = ("q", "k", "v", "gate", "up", "down")
+# The layer weights that are packed: every linear layer (the output head separately).
+PACKED_LAYER_KEYS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def packable(type_name: str, shape: tuple[int, ...]) -> bool:
