@@ -226,7 +226,7 @@ def load_gguf(
     ``GGUF_TENSOR_TYPES`` raise ``UnsupportedModelError`` naming the tensor and its type. With
     ``pack``, linear weights stored as Q4_0, Q4_1 or Q8_0 are also kept as their block codes in
     ``params["packed"]`` (see ``model.py`` and ``packed.py``), which one-token steps read instead:
-    the same values, a third fewer milliseconds per decoded token on SmolLM2-135M.
+    the same values, about half the time per decoded token on SmolLM2-135M.
     """
     from gguf.quants import dequantize
 
