@@ -201,15 +201,21 @@ def test_capacity_buckets_grow_by_half_or_a_third_and_end_at_the_context():
 
 def test_resizing_keeps_the_leading_slots():
     cache = kv_cache.empty_cache(TINY, 1, 256)
-    filled = kv_cache.KVCache(
-        tuple(jnp.arange(buffer.size, dtype=jnp.float32).reshape(buffer.shape) for buffer in cache.k), cache.v
-    )
-    expected = np.asarray(filled.k[0])
+    assert cache.k[0].shape == (1, TINY.num_kv_heads, TINY.head_dim, 256)  # keys: slots last
+    assert cache.v[0].shape == (1, TINY.num_kv_heads, 256, TINY.head_dim)
+
+    def numbered(buffers):
+        return tuple(jnp.arange(b.size, dtype=jnp.float32).reshape(b.shape) for b in buffers)
+
+    filled = kv_cache.KVCache(numbered(cache.k), numbered(cache.v))
     grown = kv_cache.resized(filled, 384)
     assert grown.capacity == 384 and len(grown.k) == TINY.num_layers
-    np.testing.assert_array_equal(np.asarray(grown.k[0])[:, :, :256], expected)
+    np.testing.assert_array_equal(np.asarray(grown.k[0])[..., :256], np.asarray(filled.k[0]))
+    np.testing.assert_array_equal(np.asarray(grown.v[0])[:, :, :256], np.asarray(filled.v[0]))
+    assert not np.asarray(grown.k[0])[..., 256:].any() and not np.asarray(grown.v[0])[:, :, 256:].any()
     shrunk = kv_cache.resized(grown, 256)
-    np.testing.assert_array_equal(np.asarray(shrunk.k[0]), expected)
+    np.testing.assert_array_equal(np.asarray(shrunk.k[0]), np.asarray(filled.k[0]))
+    np.testing.assert_array_equal(np.asarray(shrunk.v[0]), np.asarray(filled.v[0]))
 
 
 def test_common_prefix_length():

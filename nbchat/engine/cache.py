@@ -7,8 +7,8 @@ Attention reads every slot of the capacity each token, so the engine keeps the s
 fits the conversation. Which slots hold real tokens is a traced length, never a Python int (a Python
 int would compile one program per value).
 
-This module holds no model math: ``model.forward`` writes new entries with ``write_layer`` and
-attends over the buffers.
+This module holds no model math: ``model.forward`` writes new entries with ``write_keys`` and
+``write_values`` and attends over the buffers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from nbchat.engine.config import ModelConfig
 
+KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 3, 2  # see KVCache
+
 # The smallest capacity: below it attention is already cheap next to the weight reads, and fewer
 # buckets means fewer compiled programs.
 MIN_CAPACITY = 256
@@ -31,16 +33,18 @@ class KVCache(NamedTuple):
 
     One buffer per layer (not one [L, ...] array) so each layer's update is an in-place
     dynamic_update_slice on its own donated buffer and attention reads the buffer directly; a layer
-    slice of a stacked array costs XLA:CPU a copy before every matmul. The capacity axis sits after
-    the head axis so each head's keys are contiguous for the attention matmuls.
+    slice of a stacked array costs XLA:CPU a copy before every matmul. Keys are stored transposed,
+    slots last, so the scores of a query are a matrix product along contiguous slots (measured on
+    SmolLM2 shapes: attention over 1152 slots 9.6 -> 6.5 ms per token); values keep slots before
+    the head dim, the layout of the weighted sum.
     """
 
-    k: tuple[jax.Array, ...]  # L x [B, Hkv, C, hd]
+    k: tuple[jax.Array, ...]  # L x [B, Hkv, hd, C]
     v: tuple[jax.Array, ...]  # L x [B, Hkv, C, hd]
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     @property
     def batch_size(self) -> int:
@@ -80,25 +84,34 @@ def empty_cache(
     """A zeroed cache, committed to ``device`` (default: the first device) like every cache a step
     returns: jit keys its compiled programs on committedness, and an uncommitted fresh cache would
     compile each program a second time."""
-    zeros = _zeros(config.num_layers, (batch_size, config.num_kv_heads, capacity, config.head_dim), dtype)
+    values_shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+    keys_shape = (batch_size, config.num_kv_heads, config.head_dim, capacity)
+    zeros = _zeros(config.num_layers, keys_shape, values_shape, dtype)
     return jax.device_put(zeros, device or jax.devices()[0])
 
 
-@jax.jit(static_argnums=(0, 1, 2))
-def _zeros(num_layers: int, shape: tuple[int, ...], dtype: str) -> KVCache:
+@jax.jit(static_argnums=(0, 1, 2, 3))
+def _zeros(
+    num_layers: int, keys_shape: tuple[int, ...], values_shape: tuple[int, ...], dtype: str
+) -> KVCache:
     return KVCache(
-        tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-        tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        tuple(jnp.zeros(keys_shape, dtype) for _ in range(num_layers)),
+        tuple(jnp.zeros(values_shape, dtype) for _ in range(num_layers)),
     )
 
 
 @jax.jit(static_argnames="capacity")
 def _resized(cache: KVCache, capacity: int) -> KVCache:
-    def resize(buffer: jax.Array) -> jax.Array:  # [B, Hkv, C_old, hd] -> [B, Hkv, C_new, hd]
-        kept = buffer[:, :, :capacity]
-        return jnp.pad(kept, ((0, 0), (0, 0), (0, capacity - kept.shape[2]), (0, 0)))
+    def resize(buffer: jax.Array, slot_axis: int) -> jax.Array:
+        kept = jax.lax.slice_in_dim(buffer, 0, min(capacity, buffer.shape[slot_axis]), axis=slot_axis)
+        padding = [(0, 0)] * buffer.ndim
+        padding[slot_axis] = (0, capacity - kept.shape[slot_axis])
+        return jnp.pad(kept, padding)
 
-    return jax.tree.map(resize, cache)
+    return KVCache(
+        tuple(resize(buffer, KEY_SLOT_AXIS) for buffer in cache.k),
+        tuple(resize(buffer, VALUE_SLOT_AXIS) for buffer in cache.v),
+    )
 
 
 def resized(cache: KVCache, capacity: int) -> KVCache:
@@ -109,17 +122,24 @@ def resized(cache: KVCache, capacity: int) -> KVCache:
     return _resized(cache, capacity)
 
 
-def write_layer(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new entries of one layer at slots [start, start + T).
+def write_keys(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Store T new keys of one layer at slots [start, start + T): buffer [B, Hkv, hd, C], new
+    [B, Hkv, T, hd]. See ``_write``."""
+    return _write(buffer, new.swapaxes(2, 3), start, KEY_SLOT_AXIS)
 
-    buffer: [B, Hkv, C, hd]; new: [B, Hkv, T, hd]; start: [] int. In place on a donated buffer.
-    The caller guarantees start + T <= C: dynamic_update_slice would otherwise clamp the start and
-    silently write the wrong slots.
-    """
-    zero = jnp.zeros((), jnp.int32)
-    return jax.lax.dynamic_update_slice(
-        buffer, new.astype(buffer.dtype), (zero, zero, start.astype(jnp.int32), zero)
-    )
+
+def write_values(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Store T new values of one layer at slots [start, start + T): buffer [B, Hkv, C, hd], new
+    [B, Hkv, T, hd]. See ``_write``."""
+    return _write(buffer, new, start, VALUE_SLOT_AXIS)
+
+
+def _write(buffer: jax.Array, new: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
+    """In place on a donated buffer. The caller guarantees start + T <= C: dynamic_update_slice
+    would otherwise clamp the start and silently write the wrong slots."""
+    index = [jnp.zeros((), jnp.int32)] * buffer.ndim
+    index[slot_axis] = start.astype(jnp.int32)
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), tuple(index))
 
 
 def common_prefix_length(cached_ids: Sequence[int], prompt_ids: Sequence[int]) -> int:

@@ -212,7 +212,8 @@ def attention(
     """Causal grouped-query attention of T new tokens over the cached slots and themselves.
 
     q: [B, T, Hkv, G, hd]; k, v: [B, Hkv, T, hd] (the new tokens); positions: [B, T];
-    cached_k, cached_v: [B, Hkv, C, hd] or None; cache_len: [] int, slots [0, cache_len) are valid.
+    cached_k: [B, Hkv, hd, C] (transposed, see ``KVCache``), cached_v: [B, Hkv, C, hd], or both None;
+    cache_len: [] int, slots [0, cache_len) are valid.
     Returns [B, T, Hkv, G, hd].
 
     The G query heads sharing a kv head are stacked as R = G * T rows (row g * T + t), so every
@@ -232,8 +233,8 @@ def attention(
     if cached_k is None:
         attended = jnp.einsum("bkrs,bksd->bkrd", jax.nn.softmax(new_scores, axis=-1), v)
     else:
-        C = cached_k.shape[2]
-        cached_scores = jnp.einsum("bkrd,bksd->bkrs", rows, cached_k.astype(COMPUTE_DTYPE))  # [B, Hkv, R, C]
+        C = cached_k.shape[3]
+        cached_scores = jnp.einsum("bkrd,bkds->bkrs", rows, cached_k.astype(COMPUTE_DTYPE))  # [B, Hkv, R, C]
         cached_scores = jnp.where(jnp.arange(C) < cache_len, cached_scores, -jnp.inf)
         # Every query sees at least itself, so the max is finite and the denominator positive.
         top = jnp.maximum(cached_scores.max(axis=-1), new_scores.max(axis=-1))[..., None]  # [B, Hkv, R, 1]
@@ -319,10 +320,10 @@ def forward(
     if cache is not None:  # written last: see ``attention``
         new_cache = kv_cache.KVCache(
             tuple(
-                kv_cache.write_layer(buffer, k, cache_len) for buffer, k in zip(cache.k, new_k, strict=True)
+                kv_cache.write_keys(buffer, k, cache_len) for buffer, k in zip(cache.k, new_k, strict=True)
             ),
             tuple(
-                kv_cache.write_layer(buffer, v, cache_len) for buffer, v in zip(cache.v, new_v, strict=True)
+                kv_cache.write_values(buffer, v, cache_len) for buffer, v in zip(cache.v, new_v, strict=True)
             ),
         )
     return linear(packed_input(x), head), new_cache
