@@ -148,6 +148,13 @@ def unstack_layers(params: dict) -> dict:
     return unstacked
 
 
+def _layer_slices(layers: dict | list, num_layers: int) -> list:
+    """Per-layer dicts from a dict of stacked [L, ...] arrays (or PackedWeights); a list as is."""
+    if not isinstance(layers, dict):
+        return layers
+    return [jax.tree.map(lambda stacked, i=i: stacked[i], layers) for i in range(num_layers)]
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """x: [..., D] float32; weight: [D]."""
     variance = jnp.mean(x * x, axis=-1, keepdims=True)
@@ -277,12 +284,8 @@ def forward(
     # docstring); the float weights serve everything else.
     packed_params = params.get("packed", {}) if B * T == 1 else {}
     packed_layers = packed_params.get("layers", [{}] * c.num_layers)
-    if isinstance(layers, dict):  # stacked [L, ...] arrays
-        layers = [jax.tree.map(lambda stacked, i=i: stacked[i], layers) for i in range(c.num_layers)]
-    if isinstance(packed_layers, dict):
-        packed_layers = [
-            jax.tree.map(lambda stacked, i=i: stacked[i], packed_layers) for i in range(c.num_layers)
-        ]
+    layers = _layer_slices(layers, c.num_layers)
+    packed_layers = _layer_slices(packed_layers, c.num_layers)
     cos, sin = rotary_tables(positions, rope_inverse_frequencies(c))  # [B, T, hd/2]
     x = params["embed"][token_ids].astype(COMPUTE_DTYPE)  # [B, T, D]
     new_k, new_v = [], []

@@ -55,10 +55,6 @@ PACKED_FORMATS = {
 }
 
 
-# The layer weights that are packed: every linear layer (the output head separately).
-PACKED_LAYER_KEYS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
 def packable(type_name: str, shape: tuple[int, ...]) -> bool:
     """Whether a GGUF tensor of this type and numpy shape [out, in] can be kept packed."""
     fmt = PACKED_FORMATS.get(type_name)

@@ -287,9 +287,9 @@ def _packed_gguf_params(
     permuted_heads: Mapping[str, int],
     progress: bool,
 ) -> dict[str, Any]:
-    """``params["packed"]``: each of ``packed.PACKED_LAYER_KEYS`` whose tensors (in every layer) share
-    one packable GGML type, as a PackedWeight stacked on a leading layer axis, and the output head
-    if packable."""
+    """``params["packed"]``: each linear layer weight whose tensors (in every layer) share one
+    packable GGML type, as a PackedWeight stacked on a leading layer axis, and the output head if
+    packable."""
     import jax
     from tqdm.auto import tqdm
 
@@ -306,10 +306,9 @@ def _packed_gguf_params(
         types = {tensors[name].tensor_type.name for name in names}
         return len(types) == 1 and packed.packable(types.pop(), file_shapes[names[0]])
 
+    linear_keys = [key for key, shape in expected_param_shapes(config)["layers"].items() if len(shape) == 2]
     result: dict[str, Any] = {"layers": {}}
-    with tqdm(
-        packed.PACKED_LAYER_KEYS, desc="Packing weights", unit="tensor", disable=not progress, leave=False
-    ) as bar:
+    with tqdm(linear_keys, desc="Packing weights", unit="tensor", disable=not progress, leave=False) as bar:
         for key in bar:
             names = [LAYER_TENSOR_NAMES[key][_GGUF].format(i=i) for i in range(config.num_layers)]
             if packable(names):
