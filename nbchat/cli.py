@@ -64,7 +64,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def print_info() -> None:
-    print(f"nbchat {_version('nbchat')}")
+    print(f"nbchat {_version('jupyter-nbchat')}")
     print(f"cache directory: {cache_dir()}  (set NBCHAT_HOME to move it)")
     cached = set(cached_models())
     print("registry models:")
