@@ -1,9 +1,10 @@
 """The wheel's build step for the JupyterLab extension, called by hatch-jupyter-builder.
 
-It runs hatch-jupyter-builder's npm builder (``jlpm install`` then the build script) unless the
-extension is to be skipped: ``NBCHAT_SKIP_LABEXTENSION=1``, or an editable install on a machine
-without Node.js. A skipped build says so and leaves a Python-only package. Only the build imports
-this file; it is not part of the installed package.
+It runs hatch-jupyter-builder's npm builder (``jlpm install`` then the build script; nothing when
+the build is newer than ``labextension/src``) unless the extension is to be skipped:
+``NBCHAT_SKIP_LABEXTENSION=1``, or an editable install on a machine without Node.js. A skipped build
+says so and leaves a Python-only package. Only the build imports this file; it is not part of the
+installed package.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SKIP_VARIABLE = "NBCHAT_SKIP_LABEXTENSION"
-# What a built extension must hold (the package's ``nbchat/labextension/``).
+# What a built extension must hold (the build scripts also copy labextension/install.json there, which
+# tells `jupyter labextension list` that pip installed it).
 BUILT_MARKER = Path("nbchat") / "labextension" / "package.json"
 
 

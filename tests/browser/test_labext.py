@@ -21,6 +21,9 @@ import pytest
 
 from tests.browser.conftest import Lab, LabPage
 
+if os.environ.get("NBCHAT_SKIP_LABEXTENSION") == "1":
+    pytest.skip("the lab extension was not built (NBCHAT_SKIP_LABEXTENSION=1)", allow_module_level=True)
+
 # The first chat in a kernel loads and compiles the tiny model.
 CHAT_TIMEOUT_MS = 180_000
 ANSWER_SCHEMA = {
