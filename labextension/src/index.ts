@@ -57,7 +57,7 @@ const commandsPlugin: JupyterFrontEndPlugin<void> = {
       label: 'New chat cell',
       caption: 'Insert a %%chat cell below the active cell',
       isEnabled: () => tracker.currentWidget !== null,
-      execute: () => {
+      execute: async () => {
         const panel = tracker.currentWidget;
         if (!panel?.content.model) {
           return;
@@ -67,9 +67,13 @@ const commandsPlugin: JupyterFrontEndPlugin<void> = {
         notebook.model!.sharedModel.insertCell(index, { cell_type: 'code', source: '%%chat\n', metadata: {} });
         notebook.activeCellIndex = index;
         notebook.deselectAll();
+        // Ready to type the message: the new cell's editor has the focus, after the magic line.
+        const cell = notebook.activeCell;
+        await cell?.ready; // a new cell's editor holds its text once the cell is ready
+        notebook.activate();
         notebook.mode = 'edit';
-        const editor = notebook.activeCell?.editor;
-        editor?.setCursorPosition({ line: 1, column: 0 });
+        cell?.editor?.focus();
+        cell?.editor?.setCursorPosition({ line: 1, column: 0 });
       }
     });
     palette?.addItem({ command: NEW_CHAT_CELL, category: 'nbchat' });

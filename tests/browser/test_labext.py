@@ -231,3 +231,28 @@ def _no_console_errors_from_nbchat(page):
     yield
     errors = [text for text in page.console_errors if "nbchat" in text]
     assert not errors, errors
+
+
+def test_new_chat_cell_from_the_toolbar_button_and_the_shortcut(lab_page, output_dir):
+    lab_page.new_notebook("new-chat.ipynb")
+    page = lab_page.page
+    try:
+        label = page.evaluate("() => window.jupyterapp.commands.label('nbchat:new-chat-cell')")
+        assert label == "New chat cell"
+        page.locator(".jp-NotebookPanel-toolbar .jp-nbchat-newChatCell button").click()
+        page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.widgets.length === 2")
+        assert cell_source(lab_page, 1) == "%%chat\n"
+        current_cell(lab_page, 1).locator(".cm-nbchat-magic").wait_for()
+        page.keyboard.type("system: be brief")  # the new cell's editor has the focus
+        assert cell_source(lab_page, 1) == "%%chat\nsystem: be brief"
+
+        page.keyboard.press("Escape")  # command mode, where the shortcut is bound
+        page.keyboard.press("Alt+C")
+        page.wait_for_function("() => window.jupyterapp.shell.currentWidget.content.widgets.length === 3")
+        assert cell_source(lab_page, 2) == "%%chat\n"
+        assert page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCellIndex") == 2
+        page.keyboard.type("user: hi {name}")
+        assert current_cell(lab_page, 2).locator(".cm-nbchat-role").inner_text() == "user:"
+        page.screenshot(path=str(output_dir / "new-chat-cells.png"))
+    finally:
+        page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
