@@ -104,13 +104,19 @@ class Kernel:
         self.client.wait_for_ready(timeout=120)
 
     def execute(
-        self, code: str, *, cell_id: str | None = None, allow_stdin: bool = False, interrupt_after: int = 0
+        self,
+        code: str,
+        *,
+        cell_id: str | None = None,
+        allow_stdin: bool = False,
+        silent: bool = False,
+        interrupt_after: int = 0,
     ) -> Execution:
         """Run ``code`` as JupyterLab does (with ``cell_id``) or as a console does (``allow_stdin``
         and no id); ``interrupt_after``: interrupt the kernel after that many display updates."""
         content = {
             "code": code,
-            "silent": False,
+            "silent": silent,
             "store_history": True,
             "user_expressions": {},
             "allow_stdin": allow_stdin,
@@ -222,6 +228,17 @@ def test_the_shipped_kernelspec_starts_the_chat_kernel_and_reports_kernel_info(j
     assert "debugger" not in info["supported_features"]
 
 
+def test_the_kernelspecs_model_and_the_config_file_reach_the_kernel(kernel, tiny_model_dir):
+    """--ChatMagics.model from the kernelspec's argv; max_tokens and temperature from
+    jupyter_nbchat_config.py in the Jupyter config directory."""
+    assert kernel.request("kernel_info")["banner"].startswith(
+        f"nbchat {__version__} chat kernel, model {tiny_model_dir}\n"
+    )
+    settings = kernel.execute("%chat settings").of_type("display_data")[0]["data"]["text/plain"]
+    assert f"model = {json.dumps(str(tiny_model_dir))}  (config)" in settings
+    assert "max_tokens = 8  (config)" in settings and "temperature = 0.0  (config)" in settings
+
+
 # --- chat turns -------------------------------------------------------------------------------------
 
 
@@ -313,6 +330,14 @@ def test_kernel_interrupt_stops_the_reply_and_keeps_it_marked(fresh):
     assert transcript.endswith(f"assistant: {partial} {INTERRUPTED_TEXT}")
     follow_up = fresh.execute("Thanks", cell_id="thanks")
     assert follow_up.reply_bundle()["metadata"]["nbchat"]["turn"] == 1
+
+
+def test_a_silent_request_is_python_not_a_turn(fresh):
+    """Front ends send their own code silently; it must never become a chat turn."""
+    run = fresh.execute("probe = 6 * 7", silent=True)
+    assert run.reply["status"] == "ok" and not run.messages
+    assert fresh.execute("%python print(probe)").stdout() == "42\n"
+    assert fresh.execute("%chat history").stdout() == "Conversation 'default' is empty.\n"
 
 
 def test_a_console_request_gets_the_reply_as_streamed_text(fresh):
@@ -411,6 +436,8 @@ def test_a_notebook_runs_on_the_chat_kernel(jupyter, tmp_path):
             code_cell("system: Answer with one word.\nuser: hot\nassistant: cold\nuser: up"),
             code_cell("%chat history"),
             code_cell("%chat undo"),
+            code_cell("%chat save talk.json"),
+            code_cell("%chat reset\n%chat load talk.json\n%chat history"),
             code_cell("%chat nope", "raises-exception"),
             code_cell("%%chat --json --max-tokens 12\nDescribe a cat as a JSON object."),
             code_cell("%python print(type(_).__name__, _.settings['response_format'])"),
@@ -436,13 +463,19 @@ def test_a_notebook_runs_on_the_chat_kernel(jupyter, tmp_path):
     assert transcript.startswith("user: What colour is a ripe mango?\n\nassistant: ")
     assert "\n\nuser: hot\n\nassistant: cold\n\nuser: up\n\nassistant: " in transcript
     assert cells[4].outputs[0].text == "Removed the last exchange of 'default' ('up'); 1 left.\n"
-    [error] = cells[5].outputs
+    restored = cells[6].outputs
+    assert restored[0].text == (
+        "Conversation 'default' reset (1 exchanges forgotten).\n"
+        "Loaded 1 exchanges into 'default' from talk.json.\n"
+    )
+    assert restored[1].data["text/plain"] == transcript.split("\n\nuser: hot")[0]
+    [error] = cells[7].outputs
     assert error.output_type == "stream" and error.name == "stderr"
     assert error.text.startswith("UsageError: unknown %chat command 'nope'") and error.text.count("\n") == 1
-    json_reply = reply(cells[6])
+    json_reply = reply(cells[8])
     assert json_reply.metadata["nbchat"]["settings"]["response_format"] == {"type": "json_object"}
     assert json_reply.data["text/markdown"].startswith("```json\n")
-    assert cells[7].outputs[0].text == "ChatReply {'type': 'json_object'}\n"
+    assert cells[9].outputs[0].text == "ChatReply {'type': 'json_object'}\n"
 
 
 def test_jupyter_console_chats_in_the_terminal(jupyter, tmp_path):

@@ -7,7 +7,8 @@ bundle, re-run replacement, interrupt and one-line errors -- and ``%%python`` ce
 IPython. On top of that the kernel answers what a front end asks of it: ``kernel_info`` (Markdown
 cells), ``is_complete`` (always: Enter in a console sends the turn), completion of directives,
 ``%chat`` commands, ``%%chat`` options and ``{name}`` placeholders, and inspection (Shift+Tab) of
-``%chat`` commands. A reply streams as display updates when the request comes from a notebook
+``%chat`` commands. A silent request (a front end's own code, not a turn the user typed) is plain
+IPython. A reply streams as display updates when the request comes from a notebook
 and as text on stdout for a terminal console, which cannot redraw (``ChatKernel.live_replies``).
 
 Settings are traitlets config: ``ChatMagics.*`` (model -- a registry name, a GGUF path, an HF repo
@@ -123,7 +124,8 @@ class ChatKernel(IPythonKernel):
         cell_id: str | None = None,
     ) -> dict[str, Any]:
         shell = self.shell
-        shell.kernel_cell = code
+        # A silent request is a front end's own code (never a turn the user typed): plain IPython.
+        shell.kernel_cell = None if silent else code
         # A notebook sends its cell's id (JupyterLab) or reads no input (nbclient); an interactive
         # console reads input and sends no id, and ignores display updates.
         from_notebook = cell_id is not None or not allow_stdin
