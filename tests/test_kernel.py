@@ -10,6 +10,7 @@ the default model (marker ``integration``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from nbclient import NotebookClient
 from nbchat import __version__
 from nbchat.cli import main as nbchat_main
 from nbchat.notebook.render import INTERRUPTED_TEXT
+from nbchat.notebook.run import execute_notebook, print_exchange
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KERNEL = "nbchat-tiny"
@@ -498,12 +500,13 @@ def test_jupyter_console_chats_in_the_terminal(jupyter, tmp_path):
 
 
 @pytest.mark.integration
-def test_the_chat_kernel_notebook_runs_on_the_default_model(jupyter, tmp_path):
-    notebook = nbformat.read(REPO / "notebooks" / "chat-kernel.ipynb", as_version=4)
+def test_the_chat_kernel_notebook_runs_on_the_default_model(jupyter, tmp_path, monkeypatch):
+    """As `nbchat run notebooks/chat-kernel.ipynb` runs it: its kernelspec picks the chat kernel."""
+    for name in ("JUPYTER_CONFIG_DIR", "IPYTHONDIR"):  # no user config reaches the kernel
+        monkeypatch.setenv(name, jupyter.env[name])
+    notebook = execute_notebook(REPO / "notebooks" / "chat-kernel.ipynb", tmp_path)
     assert notebook.metadata["kernelspec"]["name"] == "nbchat"
-    NotebookClient(notebook, km=jupyter.manager("nbchat"), timeout=600).execute(
-        env=jupyter.env, cwd=str(tmp_path)
-    )
+    assert notebook.metadata["language_info"]["name"] == "markdown"  # the chat kernel ran it
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
 
@@ -528,3 +531,10 @@ def test_the_chat_kernel_notebook_runs_on_the_default_model(jupyter, tmp_path):
     value = [o for o in cell("%python print(type(cat)").outputs if o.output_type == "stream"][0].text
     assert value.startswith("dict {")
     assert (tmp_path / "conversation.json").is_file()
+    printed = io.StringIO()
+    for executed in code:
+        print_exchange(executed, printed)
+    lines = printed.getvalue()
+    assert "user> What is the capital of France? Answer in one short sentence.\nassistant> " in lines
+    assert "user> In one sentence: which country is {city} in?   [--new]\nassistant> " in lines
+    assert "ChatReply(" not in lines
