@@ -29,12 +29,23 @@ def test_the_launcher_offers_the_chat_kernel_and_each_cell_is_a_turn(lab_page):
     )
     assert kernel == {"name": "nbchat", "language": "markdown"}
 
-    lab_page.run_cell("%chat set max_tokens=16 temperature=0")
-    index = lab_page.run_cell(
-        "What is the capital of France? Answer in one short sentence.", timeout_ms=FIRST_TURN_TIMEOUT_MS
-    )
-    assert "Paris" in lab_page.cell_output_text(index)
-    # The reply is the %%chat reply: rendered Markdown, not a Python result.
-    assert lab_page.cell(index).locator(".jp-RenderedMarkdown").count() >= 1
-    follow_up = lab_page.run_cell("%%python\nprint(6 * 7)")
-    assert lab_page.cell_output_text(follow_up).strip() == "42"
+    try:
+        lab_page.run_cell("%chat set max_tokens=16 temperature=0")
+        index = lab_page.run_cell(
+            "What is the capital of France? Answer in one short sentence.", timeout_ms=FIRST_TURN_TIMEOUT_MS
+        )
+        assert "Paris" in lab_page.cell_output_text(index)
+        # The reply is the %%chat reply: rendered Markdown, not a Python result.
+        assert lab_page.cell(index).locator(".jp-RenderedMarkdown").count() >= 1
+        follow_up = lab_page.run_cell("%%python\nprint(6 * 7)")
+        assert lab_page.cell_output_text(follow_up).strip() == "42"
+    finally:
+        # Save, stop the kernel (and its model) and close, so the next test's lab restores nothing.
+        page.evaluate(
+            """async () => {
+                const widget = window.jupyterapp.shell.currentWidget;
+                await widget.context.save();
+                await widget.sessionContext.shutdown();
+                widget.close();
+            }"""
+        )
