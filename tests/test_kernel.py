@@ -398,8 +398,15 @@ def test_completion_in_python_is_ipythons(kernel):
     assert "city" in reply["matches"] and reply["cursor_start"] == len(code) - 2
     line = "Hi\n%python city.up"
     reply = kernel.request("complete", code=line, cursor_pos=len(line))
-    assert reply["matches"] == ["city.upper"] or reply["matches"] == ["upper"]
-    assert line[reply["cursor_start"] : reply["cursor_end"]] in ("city.up", "up")
+    assert reply["matches"] == ["upper"]
+    assert line[reply["cursor_start"] : reply["cursor_end"]] == "up"
+    # IPython's typed completions carry offsets too: in the cell's coordinates, not the line's.
+    [typed] = reply["metadata"]["_jupyter_types_experimental"]
+    assert (typed["start"], typed["end"], typed["type"]) == (
+        reply["cursor_start"],
+        reply["cursor_end"],
+        "function",
+    )
 
 
 def test_inspection_shows_a_commands_help(kernel):
