@@ -355,6 +355,24 @@ def test_a_console_request_gets_the_reply_as_streamed_text(fresh):
     assert transcript == f"user: Hello console\n\nassistant: {''.join(streamed).rstrip(chr(10))}"
 
 
+def test_live_replies_config_prints_replies_as_text_even_for_a_notebook(jupyter, tmp_path):
+    """ChatKernel.live_replies=never (here from the command line): no display updates at all."""
+    manager = jupyter.manager(TINY_KERNEL)
+    manager.start_kernel(
+        env=jupyter.env, cwd=str(tmp_path), extra_arguments=["--ChatKernel.live_replies=never"]
+    )
+    started = Kernel(manager)
+    try:
+        run = started.execute("Hello", cell_id="notebook-cell")
+    finally:
+        started.close()
+    assert run.reply["status"] == "ok"
+    assert not [c for c in run.of_type("display_data", "update_display_data") if "nbchat" in c["metadata"]]
+    [result] = run.of_type("execute_result")
+    assert result["data"]["text/plain"].startswith("ChatReply(conversation='default', turn=0, 8 tokens")
+    assert run.stdout().endswith("\n") and "Loaded " in run.stdout()
+
+
 # --- what front ends ask ----------------------------------------------------------------------------
 
 
