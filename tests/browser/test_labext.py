@@ -92,15 +92,24 @@ def wait_current_notebook(lab_page: LabPage, path: str) -> None:
     )
 
 
+def open_notebook(lab_page: LabPage, path: str) -> None:
+    """Load the lab with an empty workspace (the session's lab is shared: other tests leave tabs
+    behind) and open notebook ``path`` as the current widget."""
+    page = lab_page.page
+    page.goto(lab_page.lab.lab_url() + "&reset")
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.started !== undefined")
+    page.evaluate("() => window.jupyterapp.started")
+    page.evaluate("(path) => window.jupyterapp.commands.execute('docmanager:open', {path})", path)
+    wait_current_notebook(lab_page, path)
+
+
 @contextmanager
 def ran_notebook(lab_page: LabPage, name: str, sources: list[str]) -> Iterator[None]:
     """Write notebook ``name`` with ``sources``, open it, run all its cells; at exit shut its kernel
     down and close it (the session's lab is shared: no kernel or tab is left behind)."""
     write_notebook(lab_page.lab, name, sources)
-    lab_page.open()
+    open_notebook(lab_page, name)
     page = lab_page.page
-    page.evaluate("(path) => window.jupyterapp.commands.execute('docmanager:open', {path})", name)
-    wait_current_notebook(lab_page, name)
     lab_page.wait_kernel_idle(timeout_ms=CHAT_TIMEOUT_MS)
     try:
         page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
@@ -213,8 +222,7 @@ def test_reply_renders_the_same_text_without_the_extension(lab_page, output_dir,
     labextension(lab, "disable", "nbchat", "--level=user")
     try:
         assert re.search(r"^\s*nbchat v\S+ disabled OK", labextension(lab, "list"), re.M)
-        lab_page.open("tree/same-text.ipynb")  # the saved outputs, drawn by JupyterLab alone (no kernel run)
-        wait_current_notebook(lab_page, "same-text.ipynb")
+        open_notebook(lab_page, "same-text.ipynb")  # the saved outputs, drawn by JupyterLab alone (no run)
         markdown = current_cell(lab_page, 1).locator(".jp-OutputArea .jp-RenderedMarkdown")
         markdown.wait_for()
         assert page.locator(".jp-nbchat-reply").count() == 0
@@ -234,7 +242,8 @@ def _no_console_errors_from_nbchat(page):
 
 
 def test_new_chat_cell_from_the_toolbar_button_and_the_shortcut(lab_page, output_dir):
-    lab_page.new_notebook("new-chat.ipynb")
+    write_notebook(lab_page.lab, "new-chat.ipynb", [""])
+    open_notebook(lab_page, "new-chat.ipynb")
     page = lab_page.page
     try:
         label = page.evaluate("() => window.jupyterapp.commands.label('nbchat:new-chat-cell')")
@@ -255,4 +264,10 @@ def test_new_chat_cell_from_the_toolbar_button_and_the_shortcut(lab_page, output
         assert current_cell(lab_page, 2).locator(".cm-nbchat-role").inner_text() == "user:"
         page.screenshot(path=str(output_dir / "new-chat-cells.png"))
     finally:
-        page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+        page.evaluate(
+            """async () => {
+                const widget = window.jupyterapp.shell.currentWidget;
+                await widget.sessionContext.shutdown();
+                widget.dispose();
+            }"""
+        )
