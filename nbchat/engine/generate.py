@@ -102,7 +102,8 @@ def step_program(config: ModelConfig) -> Callable:
         B, T = token_ids.shape
         positions = cache_len + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         logits_at = jnp.full((B,), n_real - 1, jnp.int32)
-        logits, cache = model.forward(params, config, token_ids, positions, cache, cache_len, logits_at)
+        row_cache_len = jnp.full((B,), cache_len, jnp.int32)
+        logits, cache = model.forward(params, config, token_ids, positions, cache, row_cache_len, logits_at)
         result, state = sampling.sample(logits, state, settings, allowed_bits)
         return cache, state, result
 
