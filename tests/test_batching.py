@@ -201,3 +201,41 @@ def test_a_thread_holding_every_slot_is_told_instead_of_waiting_forever(params, 
     assert len(list(generator.generate(prompt(4), GREEDY, max_new_tokens=2))) == 2
     for events in open_ones:
         events.close()
+
+
+@pytest.mark.integration
+def test_the_golden_prompts_batched_give_their_reference_tokens():
+    """The golden prompts of tests/golden/smollm2_greedy.json at once, on the real default model,
+    each twice with other settings beside them: every greedy stream equals the transformers
+    reference (which the same prompts alone equal, test_golden.py); a divergence names its step
+    and the reference's top-1/top-2 logit gap there."""
+    import json
+    from pathlib import Path
+
+    from nbchat.engine.weights import load_gguf
+    from nbchat.errors import ModelNotFoundError
+    from nbchat.models import DEFAULT_MODEL, resolve
+
+    golden = json.loads((Path(__file__).parent / "golden" / "smollm2_greedy.json").read_text())
+    try:
+        source = resolve(DEFAULT_MODEL, progress=False)
+    except ModelNotFoundError as missing:
+        pytest.skip(f"the default model file is not available: {missing}")
+    config, params = load_gguf(source.path, "float32", progress=False)
+    generator = Generator(config, params)
+    cases = golden["cases"]
+    greedy = [generator.generate(case["prompt_ids"], GREEDY, max_new_tokens=golden["new_tokens"])
+              for case in cases]
+    sampled = [generator.generate(case["prompt_ids"], SamplingParams(temperature=1.0, seed=i),
+                                  max_new_tokens=golden["new_tokens"]) for i, case in enumerate(cases)]
+    results = round_robin(greedy + sampled)
+    assert generator.batch_size == 8
+    divergences = []
+    for case, events in zip(cases, results, strict=False):
+        generated = token_ids(events)
+        step = next((i for i, (a, b) in enumerate(zip(generated, case["generated_ids"], strict=True))
+                     if a != b), None)
+        if step is not None:
+            divergences.append(f"{case['messages'][-1]['content'][:30]!r}: step {step}, reference "
+                               f"top-1/top-2 logit gap {case['top1_top2_logit_gap'][step]:.4f}")
+    assert not divergences, "; ".join(divergences)
