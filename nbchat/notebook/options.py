@@ -51,7 +51,15 @@ COMMANDS_HELP = """\
   tools                   the conversation's tools (Python functions the model may call)
   tools add|remove F ...  offer / stop offering the notebook's functions F ... in every chat
   tools allow|deny F ...  let F run in this kernel when the model calls it (allow adds F if needed)
-  prompt                  the exact templated prompt of the last reply and its token count
+  prompt [--tokens|--ids] the exact templated prompt of the last reply and its token count (--tokens:
+                          as token chips by message; --ids: the token ids)
+  next [--top K] [--temperature T1,T2] [TEXT]
+                          the next-token distribution after the last prompt (and the reply start
+                          TEXT): the model's, and after the temperature / top_p / top_k settings
+  step [N] / step --pick K  step mode (after %%chat --step): add N sampled tokens, or the K-th
+                          most likely token, and show the next distribution
+  replay [N]              regenerate reply N (default: the last) with its recorded model, settings
+                          and seed, and say whether it is identical
   save FILE / load FILE   write / read the conversation as JSON
   conversations           list the conversations
   help                    this text
@@ -141,6 +149,25 @@ _CELL_ARGUMENTS = (
         help="Most rounds of running tools and sending results back (default 5; 0 = never run).",
     ),
     argument("--show-prompt", action="store_true", help="Show the templated prompt before the reply."),
+    argument(
+        "--probs",
+        action="store_true",
+        help="Show the reply as its tokens shaded by probability, with the alternatives on hover.",
+    ),
+    argument(
+        "--compare",
+        metavar="SPEC",
+        help='Run the turn once per value and show the replies side by side: "temperature=0,0.7,1.4", '
+        '"seed=1,2,3", "top_p=...", "top_k=...", "max_tokens=..." or "model=a,b".',
+    ),
+    argument(
+        "--keep", type=int, metavar="N", help="With --compare: continue with reply N (from 1; default 1)."
+    ),
+    argument(
+        "--step",
+        action="store_true",
+        help="Step mode: no reply yet; %%chat step [N] adds N tokens, %%chat step --pick K the K-th one.",
+    ),
     argument("--no-interpolate", action="store_true", help="Send {name} placeholders as written."),
     argument("-h", "--help", action="store_true", help="Show this help."),
 )
