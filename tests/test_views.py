@@ -289,3 +289,10 @@ def test_step_mode_follows_the_sampler_and_pick_branches_the_reply(chat, tiny_mo
 
 def test_step_without_a_step_reply_is_a_one_line_error(chat):
     assert "start one with %%chat --step" in chat.error("%chat step")
+
+
+def test_view_options_that_do_not_go_together_are_one_line_errors(chat):
+    assert "keep one of them" in chat.error('%%chat --compare "seed=1,2" --step\nHi')
+    assert "--probs shows one reply" in chat.error("%%chat --probs --step\nHi")
+    assert "--keep N chooses among" in chat.error("%%chat --keep 2\nHi")
+    assert len(chat.conversation()) == 0

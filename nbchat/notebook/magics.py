@@ -40,6 +40,7 @@ from nbchat.notebook.options import (
     cell_arguments,
     cell_options,
     check_variable_name,
+    check_view_options,
     parse_set_words,
     parse_setting,
     pop_conversation_option,
@@ -177,6 +178,7 @@ class ChatMagics(Magics):
         index = len(conversation) if index is None else index
         cell_system = args.system if args.system is not None else parsed.system
         turn = Turn(prompt=prompt, key=key, system=cell_system, options=options)
+        check_view_options(args)
         if args.compare is not None:
             reply = self._compare(conversation, index, turn, settings, args.compare, args.keep)
         elif args.step:
@@ -307,10 +309,15 @@ class ChatMagics(Magics):
         return engine.chat.completions.create(**request)
 
     def _show_prompt(
-        self, engine: Any, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        engine: Any,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         try:
-            text, ids = engine.render_prompt(messages, tools=tools)
+            text, ids = engine.render_prompt(messages, tools=tools, chat_template=chat_template)
         except NbchatError as error:
             raise UsageError(str(error)) from None
         count = f"{len(ids)} tokens"
@@ -390,7 +397,7 @@ class ChatMagics(Magics):
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         args = self.chat.parser.parse_args(words)  # type: ignore[attr-defined]
-        if args.new or args.system is not None or args.out or args.help:
+        if args.new or args.system is not None or args.out or args.help or args.compare or args.step:
             raise UsageError(
                 "%chat retry accepts sampling and display options only (e.g. --seed 3, --temperature 1)"
             )
@@ -399,7 +406,12 @@ class ChatMagics(Magics):
         settings = self._settings(conversation, options)
         turn = Turn(prompt=last.prompt, key=last.key, system=last.system, options=options)
         return self._generate(
-            conversation, len(conversation) - 1, turn, settings, show_prompt=args.show_prompt
+            conversation,
+            len(conversation) - 1,
+            turn,
+            settings,
+            show_prompt=args.show_prompt,
+            probs=args.probs,
         )
 
     def _cmd_model(self, rest: str) -> None:
@@ -490,17 +502,26 @@ class ChatMagics(Magics):
     def _cmd_prompt(self, rest: str) -> None:
         """The prompt that produced the last reply, exactly as the model read it."""
         conversation, words = self._target(rest)
+        template = None
+        if "--template" in words:
+            at = words.index("--template")
+            if at + 1 >= len(words):
+                raise UsageError("%chat prompt --template needs a template name (chatml, llama-3, ...)")
+            template = words[at + 1]
+            del words[at : at + 2]
         form = words[0] if words else None
         if form not in (None, "--tokens", "--ids") or len(words) > 1:
-            raise UsageError(f"%chat prompt takes --tokens or --ids (got {' '.join(words)!r})")
+            raise UsageError(
+                f"%chat prompt takes --tokens or --ids and --template NAME (got {' '.join(words)!r})"
+            )
         messages, tools, model = self._last_prompt(conversation)
         engine = shared_engine(model, self.dtype)
         if form is None:
-            self._show_prompt(engine, messages, tools=tools)
+            self._show_prompt(engine, messages, tools=tools, chat_template=template)
             return
         teaching.require_local(engine, f"%chat prompt {form}")
         try:
-            prompt = engine.prompt_tokens(messages, tools=tools)
+            prompt = engine.prompt_tokens(messages, tools=tools, chat_template=template)
         except NbchatError as error:
             raise UsageError(str(error)) from None
         ids = [token.token_id for token in prompt.tokens]
@@ -513,7 +534,13 @@ class ChatMagics(Magics):
                 "text/html": views.prompt_tokens_html(prompt, roles),
                 "text/plain": views.prompt_tokens_text(prompt),
             },
-            {"nbchat": {"prompt_tokens": len(ids), "context_length": prompt.context_length}},
+            {
+                "nbchat": {
+                    "prompt_tokens": len(ids),
+                    "context_length": prompt.context_length,
+                    "chat_template": template,
+                }
+            },
         )
 
     def _last_prompt(self, conversation: Conversation) -> tuple[list[dict[str, Any]], Any, str]:
@@ -599,7 +626,9 @@ class ChatMagics(Magics):
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         request = build_request(messages, settings)
         seed, drawn = teaching.draw_seed(settings["seed"])
-        state = teaching.StepState(conversation.name, index, messages, settings, seed, settings["model"])
+        state = teaching.StepState(
+            conversation.name, index, messages, settings, seed, settings["model"], turn
+        )
         turn.reply = [{"role": "assistant", "content": ""}]
         turn.model = settings["model"]
         turn.reproduce = {**teaching.reproduce_record(engine, request, seed, drawn), "step_ids": []}
@@ -644,11 +673,7 @@ class ChatMagics(Magics):
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         state = self._steps.get(conversation.name)
-        if (
-            state is None
-            or state.index >= len(conversation)
-            or conversation.turns[state.index].reproduce is None
-        ):
+        if state is None or not any(turn is state.turn for turn in conversation.turns):
             raise UsageError(f"no reply in step mode in {conversation.name!r}: start one with %%chat --step")
         if state.finished:
             raise UsageError("the step-mode reply is finished: start another with %%chat --step")
@@ -666,14 +691,19 @@ class ChatMagics(Magics):
             count = int(words[0])
         try:
             for _ in range(count):
+                if state.shown is None:  # an interrupt came before the last distribution was ready
+                    state.distribution(engine)
                 choice = state.shown.top[pick - 1] if pick else state.shown.sampled[0].chosen
                 state.add(engine, choice, choice.ends_reply)
                 if state.finished:
                     break
+                state.shown = None
                 state.distribution(engine)
         except NbchatError as error:
             raise UsageError(str(error)) from None
-        turn = conversation.turns[state.index]
+        except KeyboardInterrupt:
+            print("Interrupted: the tokens added so far are kept.")
+        turn = state.turn
         turn.reply = [{"role": "assistant", "content": state.text}]
         turn.reproduce = {**(turn.reproduce or {}), "step_ids": list(state.reply_ids)}
         if state.finished:

@@ -51,8 +51,10 @@ COMMANDS_HELP = """\
   tools                   the conversation's tools (Python functions the model may call)
   tools add|remove F ...  offer / stop offering the notebook's functions F ... in every chat
   tools allow|deny F ...  let F run in this kernel when the model calls it (allow adds F if needed)
-  prompt [--tokens|--ids] the exact templated prompt of the last reply and its token count (--tokens:
-                          as token chips by message; --ids: the token ids)
+  prompt [--tokens|--ids] [--template NAME]
+                          the exact templated prompt of the last reply and its token count (--tokens:
+                          as token chips by message; --ids: the token ids; --template: as the
+                          built-in template NAME would write it)
   next [--top K] [--temperature T1,T2] [TEXT]
                           the next-token distribution after the last prompt (and the reply start
                           TEXT): the model's, and after the temperature / top_p / top_k settings
@@ -352,6 +354,16 @@ def cell_options(args: Any, namespace: Mapping[str, Any]) -> dict[str, Any]:
     if args.max_tool_steps is not None:
         options["max_tool_steps"] = check_tool_steps(args.max_tool_steps, "--max-tool-steps")
     return options
+
+
+def check_view_options(args: Any) -> None:
+    """The teaching-view options of a cell go together only in ways that mean something."""
+    if args.compare is not None and args.step:
+        raise UsageError("--compare and --step are two ways to run a turn: keep one of them")
+    if args.probs and (args.compare is not None or args.step):
+        raise UsageError("--probs shows one reply's tokens; --compare and --step show their own views")
+    if args.keep is not None and args.compare is None:
+        raise UsageError("--keep N chooses among the replies of --compare; add --compare KEY=V1,V2,...")
 
 
 def pydantic_model_class(value: Any) -> type | None:

@@ -164,9 +164,10 @@ class StepState:
     settings: dict[str, Any]
     seed: int
     model: str
+    turn: Any  # the conversation's Turn the reply goes into (a re-run cell replaces it)
     reply_ids: list[int] = field(default_factory=list)
     tokens: list[views.ReplyToken] = field(default_factory=list)
-    shown: Any = None  # the NextTokenDistribution for the next token
+    shown: Any = None  # the NextTokenDistribution for the next token (None: not computed yet)
     finished: str | None = None  # why the reply ended ("stop": an end-of-turn token, "length")
 
     def sampling_row(self) -> dict[str, Any]:

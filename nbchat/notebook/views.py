@@ -152,11 +152,17 @@ def reply_tokens_html(tokens: Sequence[ReplyToken], *, note: str = "") -> str:
     for token in tokens:
         group.append(_reply_token_span(token))
         if token.text or token is tokens[-1]:
-            if len(group) == 1:
+            if len(group) == 1 and token.text:
                 parts.append(group[0])
             else:
+                # The tokens of one character, or the first bytes of one the reply ended inside.
+                title = (
+                    f"one character, {len(group)} tokens"
+                    if token.text
+                    else (f"an unfinished character: the reply ended after {len(group)} of its bytes' tokens")
+                )
                 parts.append(
-                    f'<span class="nbchat-char" title="one character, {len(group)} tokens" '
+                    f'<span class="nbchat-char" title="{title}" '
                     f'style="outline: 1px solid currentColor; border-radius: 3px;">{"".join(group)}</span>'
                 )
             group = []
@@ -319,7 +325,8 @@ def distribution_html(distribution: Any, *, title: str = "", picks: bool = False
 def distribution_text(distribution: Any, *, picks: bool = False) -> str:
     lines = []
     for sampled in distribution.sampled:
-        lines.append(f"{_settings_label(sampled.settings)} ({sampled.kept} tokens may be drawn)")
+        plural = "" if sampled.kept == 1 else "s"
+        lines.append(f"{_settings_label(sampled.settings)} ({sampled.kept} token{plural} may be drawn)")
         for rank, (token, after) in enumerate(zip(distribution.top, sampled.logprobs, strict=True), start=1):
             mark = ">" if token.token_id == sampled.chosen.token_id else " "
             number = f"{rank:>2}. " if picks else ""
