@@ -57,6 +57,9 @@ VIRIDIS = (
 # Okabe-Ito: a palette told apart with every common colour-vision deficiency (prompt messages).
 MESSAGE_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
 GENERATION_COLOUR = "#999999"
+# Next-token bars: grey for the model's probability, viridis' middle (visible on light and dark
+# backgrounds alike) for the probability after the sampling settings.
+MODEL_COLOUR, SAMPLED_COLOUR = "#8c8c8c", "#21918c"
 _FONT = "font-family: var(--jp-code-font-family, ui-monospace, SFMono-Regular, Menlo, monospace);"
 _CHIP = "border-radius: 3px; padding: 0 1px; margin: 0 0 2px 0; line-height: 1.7;"
 
@@ -214,10 +217,11 @@ def prompt_tokens_html(prompt: Any, roles: Sequence[str]) -> str:
             colour = MESSAGE_COLOURS[token.message % len(MESSAGE_COLOURS)]
             owner = f"message {token.message} ({roles[token.message]})"
         special = token.special
-        border = f"2px dashed {colour}" if special else f"1px solid {colour}"
+        content = token.part == "content"
+        border = f"2px dashed {colour}" if special else f"1px {'solid' if content else 'dotted'} {colour}"
         weight = "font-weight: bold;" if special else ""
         # A tinted background (the colour at ~20% over the theme's own) keeps the theme's text colour.
-        background = f"{colour}33" if token.part == "content" else "transparent"
+        background = f"{colour}40" if content else "transparent"
         title = f"id {token.token_id} · {owner} · {token.part}" + (" · special token" if special else "")
         chips.append(
             f'<span class="nbchat-prompt-token" data-token-id="{token.token_id}" '
@@ -241,8 +245,8 @@ def prompt_tokens_html(prompt: Any, roles: Sequence[str]) -> str:
     return (
         f'<div class="nbchat-prompt" style="{_FONT}">'
         f'<div style="font-size: 0.9em; margin-bottom: 4px;">{count} tokens of {context} in the context '
-        f"({count / context:.1%}); tinted: the messages' own text; outlined only: what the template "
-        "wrote</div>"
+        f"({count / context:.1%}); tinted, solid outline: the messages' own text; dotted outline: what the "
+        "template wrote</div>"
         f'<div style="white-space: pre-wrap; word-break: break-word;">{"".join(chips)}</div>'
         f'<div style="font-size: 0.85em; margin-top: 6px;">{keys}</div></div>'
     )
@@ -282,14 +286,13 @@ def _bar(logprob: float, colour: str, label: str) -> str:
 def distribution_html(distribution: Any, *, title: str = "", picks: bool = False) -> str:
     """One bar chart per setting, side by side: for each of the most likely next tokens, the
     model's probability (grey) and the probability after that setting's temperature / top_k /
-    top_p / min_p (viridis); the token the seed draws is marked ▶. ``picks`` numbers the rows for
+    top_p / min_p (teal); the token the seed draws is marked ▶. ``picks`` numbers the rows for
     ``%chat step --pick N``."""
     charts = []
     for sampled in distribution.sampled:
         rows = []
         for rank, (token, after) in enumerate(zip(distribution.top, sampled.logprobs, strict=True), start=1):
             chosen = token.token_id == sampled.chosen.token_id
-            colour = probability_colours(math.exp(after) if after > -math.inf else 0.0)[0]
             number = f"{rank}. " if picks else ""
             rows.append(
                 f'<div class="nbchat-next-token" data-token-id="{token.token_id}" '
@@ -298,8 +301,8 @@ def distribution_html(distribution: Any, *, title: str = "", picks: bool = False
                 f'<span style="width: 1em;">{"▶" if chosen else ""}</span>'
                 f'<span style="width: 9em; overflow: hidden; white-space: pre;" title="id {token.token_id}">'
                 f"{number}{_visible(json.dumps(token.text, ensure_ascii=False))}</span>"
-                f"<div>{_bar(token.logprob, '#8c8c8c', 'the model (temperature 1, nothing filtered)')}"
-                f"{_bar(after, colour, 'after ' + _settings_label(sampled.settings))}</div></div>"
+                f"<div>{_bar(token.logprob, MODEL_COLOUR, 'the model (temperature 1, nothing filtered)')}"
+                f"{_bar(after, SAMPLED_COLOUR, 'after ' + _settings_label(sampled.settings))}</div></div>"
             )
         settings = dict(sampled.settings)
         charts.append(
@@ -317,7 +320,7 @@ def distribution_html(distribution: Any, *, title: str = "", picks: bool = False
         f'<div class="nbchat-next" style="{_FONT}">'
         f'<div style="font-size: 0.9em; margin-bottom: 4px;">{heading}next token after '
         f"{distribution.prompt_tokens} prompt tokens · entropy {distribution.entropy:.2f} nats · grey: the "
-        "model's probability; coloured: after the sampling settings</div>"
+        "model's probability; teal: after the sampling settings</div>"
         f'<div style="display: flex; flex-wrap: wrap; gap: 8px;">{"".join(charts)}</div>{legend()}</div>'
     )
 
