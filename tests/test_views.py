@@ -22,10 +22,20 @@ EMOJI_SCHEMA = {"type": "string", "enum": ["🙂 🚀"]}
 
 
 @pytest.fixture
-def chat(shell):  # noqa: F811
-    magics = shell.magics_manager.registry["ChatMagics"]
+def chat(shell, tiny_model_dir):  # noqa: F811
+    """Fresh conversations and the module's settings (earlier test modules may have changed traits)."""
     from nbchat.conversation import Conversation
 
+    configure(shell, tiny_model_dir)
+    magics = shell.magics_manager.registry["ChatMagics"]
+    for name, value in {
+        "top_p": None,
+        "top_k": None,
+        "seed": None,
+        "stop": [],
+        "system_prompt": None,
+    }.items():
+        setattr(magics, name, value)
     magics.conversations = {"default": Conversation("default")}
     magics.current = "default"
     magics._steps.clear()
