@@ -258,6 +258,26 @@ def test_compare_seeds_and_keep_continues_with_the_chosen_reply(chat):
     assert chat.outputs[-1]["metadata"]["nbchat"]["replay"]["identical"] is True
 
 
+def test_compare_models_runs_the_turn_on_each_model(chat, tiny_model_dir, tmp_path):
+    from tests.tiny_model import make_tiny_model_dir
+
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    spec = f"model={tiny_model_dir},{other}"
+    reply = chat.run(f'%%chat --compare "{spec}" --keep 2 --temperature 0 --max-tokens 8\nHello there').result
+    root, output = last_html(chat)
+    columns = root.find_all("nbchat-compare-column")
+    assert [json.loads(column.attrs["data-settings"])["model"] for column in columns] == [
+        str(tiny_model_dir),
+        str(other),
+    ]
+    texts = [column.find_all("nbchat-compare-text")[0].text for column in columns]
+    assert texts[0] != texts[1]  # other weights, another reply
+    turn = chat.conversation().turns[0]
+    assert reply.text == texts[1] == turn.reply_text and turn.model == str(other)
+    weights = (other / "model.safetensors").read_bytes()
+    assert output["metadata"]["nbchat"]["reproduce"]["sha256"] == hashlib.sha256(weights).hexdigest()
+
+
 def test_compare_errors_are_one_line(chat):
     assert "KEY=V1,V2" in chat.error('%%chat --compare "colour=red,blue"\nHi')
     assert "two or more values" in chat.error('%%chat --compare "temperature=1"\nHi')

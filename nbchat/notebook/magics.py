@@ -285,7 +285,12 @@ class ChatMagics(Magics):
             print("Interrupted before the model replied; the conversation is unchanged.")
             return None
         if probs and recorders:
-            view.add_to_final(teaching.probs_bundle(engine, recorders[-1].content))
+            ended = (
+                "then the end-of-turn token, which shows no text"
+                if exchange.last.finish_reason == "stop"
+                else ""
+            )
+            view.add_to_final(teaching.probs_bundle(engine, recorders[-1].content, note=ended))
         turn.reproduce = reproduce
         last = exchange.last
         turn.reply = exchange.reply
