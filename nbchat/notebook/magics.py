@@ -28,7 +28,14 @@ from nbchat.errors import InvalidRequestError, NbchatError
 from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import render, tool_loop
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
-from nbchat.notebook.engines import engine_summary, known_models, loaded_engine, shared_engine
+from nbchat.notebook.engines import (
+    backend_model,
+    engine_summary,
+    known_models,
+    loaded_engine,
+    remote_models,
+    shared_engine,
+)
 from nbchat.notebook.options import (
     COMMANDS_HELP,
     HELP_EPILOG,
@@ -48,6 +55,7 @@ from nbchat.notebook.options import (
 )
 from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, structured_value
+from nbchat.remote import api_key_and_source, is_endpoint, mask_key
 
 __all__ = [
     "COMMANDS_HELP",
@@ -70,7 +78,19 @@ class ChatMagics(Magics):
     """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages."""
 
     model = Unicode(
-        DEFAULT_MODEL, help="Model for new chats: a registry name, a .gguf path or a model directory."
+        DEFAULT_MODEL,
+        help="Model for new chats: a registry name, a .gguf path, a model directory, or an OpenAI-compatible "
+        "endpoint's URL (http://host:8000/v1, or NAME@URL for one of its models).",
+    ).tag(config=True)
+    base_url = Unicode(
+        None, allow_none=True,
+        help="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) that serves every chat whose model is "
+        "not itself a URL: the default model means the endpoint's first, NAME means NAME there.",
+    ).tag(config=True)
+    api_key = Unicode(
+        None, allow_none=True,
+        help="API key for remote endpoints; None: $NBCHAT_API_KEY, else $OPENAI_API_KEY. Never saved "
+        "with a conversation, shown masked.",
     ).tag(config=True)
     dtype = Unicode(
         None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
@@ -234,7 +254,7 @@ class ChatMagics(Magics):
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         registry = tool_loop.tools_for(conversation, settings.get("tools") or [], self.shell.user_ns)
         request = tool_loop.first_request(messages, settings, registry)
-        engine = shared_engine(settings["model"], self.dtype)
+        engine = self._engine_for(settings["model"])
         if show_prompt:
             self._show_prompt(engine, messages, tools=request.get("tools"))
         view = ReplyView(
@@ -262,6 +282,10 @@ class ChatMagics(Magics):
             if code.strip():
                 self.shell.set_next_input(code)
         return exchange.chat_reply(text, value)
+
+    def _engine_for(self, model: str) -> Any:
+        """The chat backend of ``model``: the shared local engine, or a remote endpoint's client."""
+        return shared_engine(backend_model(model, self.base_url), self.dtype, api_key=self.api_key)
 
     def _open_stream(self, engine: Any, request: dict[str, Any]) -> Any:
         """Start a streamed chat completion (one place, so tools and tests can wrap the stream)."""
@@ -365,19 +389,54 @@ class ChatMagics(Magics):
 
     def _cmd_model(self, rest: str) -> None:
         words = split_words(rest)
+        api_key = None
+        if "--api-key" in words:
+            at = words.index("--api-key")
+            if at + 1 >= len(words):
+                raise UsageError("--api-key needs the key")
+            api_key = words[at + 1]
+            del words[at : at + 2]
         if len(words) > 1:
-            raise UsageError("%chat model takes one model name (quote a path with spaces)")
+            raise UsageError("%chat model takes one model name or URL (quote a path with spaces)")
         if not words:
-            engine = loaded_engine(self.model, self.dtype)
-            state = engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
-            print(f"Default model: {self.model} ({state})")
+            model = backend_model(self.model, self.base_url)
+            if is_endpoint(model):
+                state = engine_summary(self._engine_for(self.model))
+            else:
+                engine = loaded_engine(model, self.dtype)
+                state = engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
+            print(f"Default model: {model} ({state})")
             return
-        shared_engine(words[0], self.dtype)
+        model = backend_model(words[0], self.base_url)
+        if api_key is not None and not is_endpoint(model):
+            raise UsageError("--api-key is for a remote endpoint: give its URL (http://HOST:PORT/v1)")
+        if is_endpoint(model):
+            self._connect(model, api_key if api_key is not None else self.api_key)
+        else:
+            shared_engine(model, self.dtype)
+        if api_key is not None:
+            self.api_key = api_key
         self.model = words[0]
+
+    def _connect(self, model: str, api_key: str | None) -> None:
+        """Check that the endpoint ``model`` names answers and serves the model asked for."""
+        engine = shared_engine(model, self.dtype, api_key=api_key)
+        try:
+            served = engine.models()
+            name = engine.model
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        if name not in served:
+            raise UsageError(f"{engine.base_url} does not serve {name!r}{suggest(name, served)}; it serves: "
+                             f"{', '.join(served)}")
+        print(f"Chatting with {name} at {engine.base_url} (remote endpoint; it serves {', '.join(served)}).")
 
     def _cmd_models(self, rest: str) -> None:
         self._no_arguments("models", split_words(rest))
-        rows = known_models()
+        current = [backend_model(self.model, self.base_url)]
+        current += [backend_model(c.settings["model"], self.base_url) for c in self.conversations.values()
+                    if "model" in c.settings]
+        rows = known_models() + remote_models(current, self.api_key)
         yes = {True: "yes", False: ""}
         markdown = render.markdown_table(
             ("model", "description", "cached", "loaded"),
@@ -419,9 +478,12 @@ class ChatMagics(Magics):
             "conversation" if conversation.system else ("config" if self.system_prompt else "default")
         )
         rows = [(key, settings[key], sources[key]) for key in SETTINGS]
+        key, key_source = api_key_and_source(self.api_key)
         rows += [
             ("system", system, system_source),
             ("dtype", self.dtype, "config" if self.dtype else "default"),
+            ("base_url", self.base_url, "config" if self.base_url else "default"),
+            ("api_key", mask_key(key), key_source if key else "default"),
         ]
         markdown = f"Conversation `{conversation.name}`\n\n" + render.markdown_table(
             ("setting", "value", "from"),
@@ -462,7 +524,7 @@ class ChatMagics(Magics):
         registry = tool_loop.tools_for(conversation, last.options.get("tools") or [], self.shell.user_ns)
         tools = registry.schemas() or None
         model = last.model or self._settings(conversation, {})["model"]
-        self._show_prompt(shared_engine(model, self.dtype), messages, tools=tools)
+        self._show_prompt(self._engine_for(model), messages, tools=tools)
 
     def _cmd_save(self, rest: str) -> None:
         conversation, words = self._target(rest)
