@@ -159,7 +159,8 @@ class _Generation:
     asyncio queue: ``("accepted", None)`` once the engine has validated the request (or ``("error",
     exc)``), then ``("chunk", chunk)`` per chunk and ``("end", None)`` or ``("error", exc)``."""
 
-    def __init__(self, engine: Engine, request: Mapping[str, Any]):
+    def __init__(self, engine: Engine, request: Mapping[str, Any], metrics: ServerMetrics):
+        self._metrics = metrics
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.stop = threading.Event()
         self._loop = asyncio.get_running_loop()
@@ -188,15 +189,23 @@ class _Generation:
             self._put("error", error)
             return
         self._put("accepted", None)
+        state = self._metrics.waiting  # until the engine's first chunk, then running
+        state.inc()
         try:
             with stream:  # closing it stops the engine's generation at once
                 for chunk in stream:
+                    if state is self._metrics.waiting:
+                        state.dec()
+                        state = self._metrics.running
+                        state.inc()
                     if self.stop.is_set():
                         return
                     self._put("chunk", chunk)
         except BaseException as error:
             self._put("error", error)
             return
+        finally:
+            state.dec()
         self._put("end", None)
 
 
@@ -307,7 +316,7 @@ def create_app(served: ServedModel, *, api_key: str | None = None,
         engine = await served.wait()
         record = metrics.start_request(served.name)
         engine_request, streams, wants_usage = streamed_request(body)
-        generation = _Generation(engine, engine_request).start()
+        generation = _Generation(engine, engine_request, metrics).start()
         generations.add(generation)
         watch = _Watch(request, app.state.stopping)
         try:
@@ -617,7 +626,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
                 app.state.loop.call_soon_threadsafe(app.state.stopping.set)
             super().handle_exit(sig, frame)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("nbchat.server", "uvicorn"):  # their lines, not every library's INFO chatter
+        logging.getLogger(name).setLevel(logging.INFO)
     config = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_config=None,
                             timeout_graceful_shutdown=int(_WORKER_STOP_TIMEOUT_S), lifespan="on")
     server = Server(config)

@@ -1,8 +1,9 @@
 """What ``nbchat serve`` measures: Prometheus metrics (``GET /metrics``) and one log line per request.
 
 :class:`ServerMetrics` holds the metrics in a registry of its own: requests by route and status,
-prompt and completion tokens, time to first token and time per output token, requests waiting for
-the engine and requests generating. :class:`RequestRecord` follows one chat completion from arrival
+prompt and completion tokens, time to first token and time per output token, and the generations
+waiting for the engine and generating (kept by the worker threads, so a generation counts until it
+has really stopped). :class:`RequestRecord` follows one chat completion from arrival
 to its end, from the chunks the engine streams, and logs ``id model prompt/completion tokens TTFT
 tok/s status``. Must not: know HTTP, the engine or the routes.
 """
@@ -71,14 +72,11 @@ class RequestRecord:
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        metrics.waiting.inc()
 
     def chunk(self, chunk: Any) -> None:
         now = time.perf_counter()
         if self.first_chunk_at is None:
             self.first_chunk_at = now
-            self._metrics.waiting.dec()
-            self._metrics.running.inc()
             self.id = chunk.id or self.id
         if self.first_token_at is None and any(
             part.delta.content or part.delta.tool_calls or part.finish_reason for part in chunk.choices
@@ -92,7 +90,6 @@ class RequestRecord:
     def finish(self, status: str) -> None:
         ended = time.perf_counter()
         metrics = self._metrics
-        (metrics.running if self.first_chunk_at is not None else metrics.waiting).dec()
         metrics.prompt_tokens.inc(self.prompt_tokens)
         metrics.completion_tokens.inc(self.completion_tokens)
         tokens_per_s = 0.0
