@@ -347,7 +347,8 @@ class TestDefaultModel:
             yield server
 
     def test_tool_calls_through_http(self, server):
-        parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+        parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                      "additionalProperties": False}
         tools = [{"type": "function", "function": {
             "name": "get_weather", "description": "Current weather in a city.", "parameters": parameters}}]
         request = dict(model="smollm2-135m-instruct", tools=tools, tool_choice="required", temperature=0,
@@ -359,7 +360,7 @@ class TestDefaultModel:
         chunks = list(server.client().chat.completions.create(**request, stream=True))
         deltas = [d for chunk in chunks if chunk.choices for d in chunk.choices[0].delta.tool_calls or ()]
         names = [delta.function.name for delta in deltas if delta.function and delta.function.name]
-        assert names == ["get_weather"]
+        assert names == [call.function.name for call in reply.choices[0].message.tool_calls]
 
     def test_json_schema_through_http(self, server):
         schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
