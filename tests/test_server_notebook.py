@@ -64,7 +64,8 @@ def reply_text(cell) -> str:
 
 def test_the_model_command_connects_to_the_endpoint(executed, tiny_server, tiny_model_dir):
     notebook, _ = executed
-    assert stdout(notebook.cells[1]).startswith(f"Chatting with {tiny_model_dir.name} at {tiny_server.base_url}")
+    expected = f"Chatting with {tiny_model_dir.name} at {tiny_server.base_url}"
+    assert stdout(notebook.cells[1]).startswith(expected)
 
 
 def test_replies_stream_into_the_cell(executed):
