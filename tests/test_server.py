@@ -337,14 +337,16 @@ def test_sigterm_ends_running_streams_with_an_error_event_and_exits_cleanly(tiny
         assert stop(server) == 0
 
 
+@pytest.fixture(scope="module")
+def server():
+    """`nbchat serve` of the default model, without a key."""
+    with running_server("smollm2-135m-instruct") as server:
+        yield server
+
+
 @pytest.mark.integration
 class TestDefaultModel:
     """Behaviour that needs a real model: tool calls and JSON that completes, a long generation."""
-
-    @pytest.fixture(scope="class")
-    def server(self):
-        with running_server("smollm2-135m-instruct") as server:
-            yield server
 
     def test_tool_calls_through_http(self, server):
         parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
