@@ -94,12 +94,17 @@ def test_endpoint_failures_are_one_line_endpoint_errors(tiny_server):
 @pytest.fixture
 def magics():
     shell = InteractiveShell.instance()
+    loaded_before = "ChatMagics" in shell.magics_manager.registry
     shell.run_line_magic("load_ext", "nbchat")
     magics = shell.magics_manager.registry["ChatMagics"]
     saved = {name: getattr(magics, name) for name in ("model", "base_url", "api_key")}
+    saved_conversations = dict(magics.conversations)
     yield shell, magics
     for name, value in saved.items():
         setattr(magics, name, value)
+    magics.conversations = saved_conversations
+    if not loaded_before:
+        shell.run_line_magic("unload_ext", "nbchat")
 
 
 def test_model_url_checks_the_endpoint_before_switching(magics, tiny_server, tiny_model_dir, capsys):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -316,6 +319,16 @@ def test_one_log_line_per_request(tiny_server, tiny_model_dir):
     assert re.search(r"req-\w+ model=\S+ prompt_tokens=0 completion_tokens=0 .* status=400",
                      tiny_server.log())
     assert "GET /health" not in tiny_server.log()  # uvicorn's access log is off
+
+
+def test_an_unknown_model_fails_before_binding_and_a_keyless_public_bind_warns():
+    result = subprocess.run(
+        [sys.executable, "-m", "nbchat.cli", "serve", "--host", "0.0.0.0", "--model", "/no/such/model.gguf"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "NBCHAT_API_KEY": ""})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("nbchat serve: warning: binding 0.0.0.0 with no API key")
+    assert lines[-1].startswith("nbchat: ModelNotFoundError: Unknown model '/no/such/model.gguf'")
 
 
 # --- disconnects and shutdown ---------------------------------------------------------------------

@@ -20,8 +20,8 @@ from schemathesis import GenerationMode
 from tests.test_server import ENVELOPE_FIELDS
 
 REQUEST_TIMEOUT_S = 60
-EXAMPLES = {"POST /v1/chat/completions": 40}
-DEFAULT_EXAMPLES = 12
+EXAMPLES = {"POST /v1/chat/completions": 30}
+DEFAULT_EXAMPLES = 10
 
 
 def bounded(body):
