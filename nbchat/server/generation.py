@@ -16,17 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
 from nbchat.server.errors import APIError, Disconnected, api_error, shutdown_error
-from nbchat.server.metrics import ServerMetrics
+from nbchat.server.metrics import RequestRecord, ServerMetrics
 
 if TYPE_CHECKING:
     from nbchat.api import Engine
-    from nbchat.protocol import ChatCompletionChunk
+    from nbchat.protocol import ChatCompletion, ChatCompletionChunk
 
 
 class Generation:
@@ -136,7 +136,8 @@ class Watch:
         self._disconnected.cancel()
 
 
-async def collect(generation: Generation, watch: Watch, record: Any, *, logprobs: bool):
+async def collect(generation: Generation, watch: Watch, record: RequestRecord, *,
+                  logprobs: bool) -> ChatCompletion:
     from nbchat.api import collect_chunks
 
     chunks: list[ChatCompletionChunk] = []
@@ -153,8 +154,8 @@ async def collect(generation: Generation, watch: Watch, record: Any, *, logprobs
             raise shutdown_error()
 
 
-async def sse_events(generation: Generation, watch: Watch, record: Any, wants_usage: bool,
-                      finish: Any) -> AsyncIterator[str]:
+async def sse_events(generation: Generation, watch: Watch, record: RequestRecord, wants_usage: bool,
+                     finish: Callable[[BaseException | None], None]) -> AsyncIterator[str]:
     """The SSE events of a streamed completion: one per chunk, an error event if it fails or the
     server stops, then ``[DONE]``."""
     error: BaseException | None = None
@@ -182,8 +183,8 @@ async def sse_events(generation: Generation, watch: Watch, record: Any, wants_us
         finish(error)
 
 
-def finish_request(generation: Generation, generations: set[Generation], record: Any, watch: Watch,
-            error: BaseException | None) -> None:
+def finish_request(generation: Generation, generations: set[Generation], record: RequestRecord,
+                   watch: Watch, error: BaseException | None) -> None:
     """A request is over (done, failed, disconnected or stopped): stop its worker and log it."""
     generation.stop.set()
     generations.discard(generation)
