@@ -32,7 +32,8 @@ def executed(tiny_server, tmp_path_factory):
     cells = [
         "%load_ext nbchat",
         f"%chat model {tiny_server.base_url} --api-key {tiny_server.api_key}",
-        "%%chat --temperature 0 --max-tokens 200\nHello! How are you today?",
+        # A prompt the tiny model answers at length (1000 tokens take a few throttled redraws).
+        "%%chat --temperature 0 --max-tokens 1000\nJSON looks like",
         "%%chat --temperature 0 --max-tokens 6\nAnd now?",
         "print(json.dumps({'messages': len(_.messages), 'prompt_tokens': _.usage['prompt_tokens']}))",
         "%%chat --max-tokens 100000\nThis asks for too much.",
