@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -322,7 +322,7 @@ class Engine:
                    samplings)
         if request.stream:
             return ChatCompletionStream(self._chunks(job, include_usage=request.include_usage))
-        return _collect(self._chunks(job, include_usage=True), logprobs=bool(request.logprobs))
+        return collect_chunks(self._chunks(job, include_usage=True), logprobs=bool(request.logprobs))
 
     def _check_model_name(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
         names = {self.model, loaded.name, str(loaded.source.path), loaded.source.path.name}
@@ -693,7 +693,7 @@ class _Completions:
     def __init__(self, engine: Engine):
         self._engine = engine
 
-    def create(self, **request: Any) -> ChatCompletion | ChatCompletionStream:
+    def create(self, /, **request: Any) -> ChatCompletion | ChatCompletionStream:
         """OpenAI's ``chat.completions.create``: ``messages=[...]`` plus request parameters; see
         ``nbchat.protocol.ChatCompletionRequest`` for every field. Raises InvalidRequestError (or
         ContextLengthError) before any compute when the request is wrong."""
@@ -709,8 +709,10 @@ class _Chat:
 # Collecting a stream into a response
 
 
-def _collect(chunks: Iterator[ChatCompletionChunk], *, logprobs: bool) -> ChatCompletion:
-    """The non-streaming response: the stream's chunks merged per choice."""
+def collect_chunks(chunks: Iterable[ChatCompletionChunk], *, logprobs: bool) -> ChatCompletion:
+    """The non-streaming response: a stream's chunks (its usage chunk included) merged per choice.
+    Public so a caller that must be able to stop a generation early (the HTTP server, when its
+    client disconnects) can stream and collect the same response itself."""
     first: ChatCompletionChunk | None = None
     usage: Usage | None = None
     choices: dict[int, _CollectedChoice] = {}

@@ -29,7 +29,14 @@ from nbchat.errors import InvalidRequestError, NbchatError
 from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import render, teaching, tool_loop, views
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
-from nbchat.notebook.engines import engine_summary, known_models, loaded_engine, shared_engine
+from nbchat.notebook.engines import (
+    backend_model,
+    engine_summary,
+    known_models,
+    loaded_engine,
+    remote_models,
+    shared_engine,
+)
 from nbchat.notebook.options import (
     COMMANDS_HELP,
     HELP_EPILOG,
@@ -51,6 +58,7 @@ from nbchat.notebook.options import (
 )
 from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, structured_value
+from nbchat.remote import api_key_and_source, is_endpoint, mask_key
 
 __all__ = [
     "COMMANDS_HELP",
@@ -73,7 +81,19 @@ class ChatMagics(Magics):
     """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages."""
 
     model = Unicode(
-        DEFAULT_MODEL, help="Model for new chats: a registry name, a .gguf path or a model directory."
+        DEFAULT_MODEL,
+        help="Model for new chats: a registry name, a .gguf path, a model directory, or an OpenAI-compatible "
+        "endpoint's URL (http://host:8000/v1, or NAME@URL for one of its models).",
+    ).tag(config=True)
+    base_url = Unicode(
+        None, allow_none=True,
+        help="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) that serves every chat whose model is "
+        "not itself a URL: the default model means the endpoint's first, NAME means NAME there.",
+    ).tag(config=True)
+    api_key = Unicode(
+        None, allow_none=True,
+        help="API key for remote endpoints; None: $NBCHAT_API_KEY, else $OPENAI_API_KEY. Never saved "
+        "with a conversation, shown masked.",
     ).tag(config=True)
     dtype = Unicode(
         None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
@@ -251,7 +271,7 @@ class ChatMagics(Magics):
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         registry = tool_loop.tools_for(conversation, settings.get("tools") or [], self.shell.user_ns)
         request = tool_loop.first_request(messages, settings, registry)
-        engine = shared_engine(settings["model"], self.dtype)
+        engine = self._engine_for(settings["model"])
         if probs:
             teaching.require_local(engine, "--probs")
         if show_prompt:
@@ -308,6 +328,10 @@ class ChatMagics(Magics):
             if code.strip():
                 self.shell.set_next_input(code)
         return exchange.chat_reply(text, value)
+
+    def _engine_for(self, model: str) -> Any:
+        """The chat backend of ``model``: the shared local engine, or a remote endpoint's client."""
+        return shared_engine(backend_model(model, self.base_url), self.dtype, api_key=self.api_key)
 
     def _open_stream(self, engine: Any, request: dict[str, Any]) -> Any:
         """Start a streamed chat completion (one place, so tools and tests can wrap the stream)."""
@@ -421,19 +445,54 @@ class ChatMagics(Magics):
 
     def _cmd_model(self, rest: str) -> None:
         words = split_words(rest)
+        api_key = None
+        if "--api-key" in words:
+            at = words.index("--api-key")
+            if at + 1 >= len(words):
+                raise UsageError("--api-key needs the key")
+            api_key = words[at + 1]
+            del words[at : at + 2]
         if len(words) > 1:
-            raise UsageError("%chat model takes one model name (quote a path with spaces)")
+            raise UsageError("%chat model takes one model name or URL (quote a path with spaces)")
         if not words:
-            engine = loaded_engine(self.model, self.dtype)
-            state = engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
-            print(f"Default model: {self.model} ({state})")
+            model = backend_model(self.model, self.base_url)
+            if is_endpoint(model):
+                state = engine_summary(self._engine_for(self.model))
+            else:
+                engine = loaded_engine(model, self.dtype)
+                state = engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
+            print(f"Default model: {model} ({state})")
             return
-        shared_engine(words[0], self.dtype)
+        model = backend_model(words[0], self.base_url)
+        if api_key is not None and not is_endpoint(model):
+            raise UsageError("--api-key is for a remote endpoint: give its URL (http://HOST:PORT/v1)")
+        if is_endpoint(model):
+            self._connect(model, api_key if api_key is not None else self.api_key)
+        else:
+            self._engine_for(model)
+        if api_key is not None:
+            self.api_key = api_key
         self.model = words[0]
+
+    def _connect(self, model: str, api_key: str | None) -> None:
+        """Check that the endpoint ``model`` names answers and serves the model asked for."""
+        engine = shared_engine(model, self.dtype, api_key=api_key)
+        try:
+            served = engine.models()
+            name = engine.model
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        if name not in served:
+            raise UsageError(f"{engine.base_url} does not serve {name!r}{suggest(name, served)}; it serves: "
+                             f"{', '.join(served)}")
+        print(f"Chatting with {name} at {engine.base_url} (remote endpoint; it serves {', '.join(served)}).")
 
     def _cmd_models(self, rest: str) -> None:
         self._no_arguments("models", split_words(rest))
-        rows = known_models()
+        current = [backend_model(self.model, self.base_url)]
+        current += [backend_model(c.settings["model"], self.base_url) for c in self.conversations.values()
+                    if "model" in c.settings]
+        rows = known_models() + remote_models(current, self.api_key)
         yes = {True: "yes", False: ""}
         markdown = render.markdown_table(
             ("model", "description", "cached", "loaded"),
@@ -475,9 +534,12 @@ class ChatMagics(Magics):
             "conversation" if conversation.system else ("config" if self.system_prompt else "default")
         )
         rows = [(key, settings[key], sources[key]) for key in SETTINGS]
+        key, key_source = api_key_and_source(self.api_key)
         rows += [
             ("system", system, system_source),
             ("dtype", self.dtype, "config" if self.dtype else "default"),
+            ("base_url", self.base_url, "config" if self.base_url else "default"),
+            ("api_key", mask_key(key), key_source if key else "default"),
         ]
         markdown = f"Conversation `{conversation.name}`\n\n" + render.markdown_table(
             ("setting", "value", "from"),
@@ -520,7 +582,7 @@ class ChatMagics(Magics):
                 f"%chat prompt takes --tokens or --ids and --template NAME (got {' '.join(words)!r})"
             )
         messages, tools, model = self._last_prompt(conversation)
-        engine = shared_engine(model, self.dtype)
+        engine = self._engine_for(model)
         if form is None:
             self._show_prompt(engine, messages, tools=tools, chat_template=template)
             return
@@ -591,7 +653,7 @@ class ChatMagics(Magics):
         else:
             messages, _, model = self._last_prompt(conversation)
             reply_ids = []
-        engine = teaching.require_local(shared_engine(model, self.dtype), "%chat next")
+        engine = teaching.require_local(self._engine_for(model), "%chat next")
         knobs = {key: settings[key] for key in ("top_p", "top_k", "seed") if settings[key] is not None}
         rows = (
             [{**knobs, "temperature": t} for t in temperatures]
@@ -627,7 +689,7 @@ class ChatMagics(Magics):
         self, conversation: Conversation, index: int, turn: Turn, settings: dict[str, Any]
     ) -> None:
         """``%%chat --step``: store the turn with an empty reply and show its first distribution."""
-        engine = teaching.require_local(shared_engine(settings["model"], self.dtype), "--step")
+        engine = teaching.require_local(self._engine_for(settings["model"]), "--step")
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         request = build_request(messages, settings)
         seed, drawn = teaching.draw_seed(settings["seed"])
@@ -682,7 +744,7 @@ class ChatMagics(Magics):
             raise UsageError(f"no reply in step mode in {conversation.name!r}: start one with %%chat --step")
         if state.finished:
             raise UsageError("the step-mode reply is finished: start another with %%chat --step")
-        engine = shared_engine(state.model, self.dtype)
+        engine = self._engine_for(state.model)
         pick, count = None, 1
         if words[:1] == ["--pick"]:
             if len(words) != 2 or not words[1].isdigit():
@@ -738,7 +800,7 @@ class ChatMagics(Magics):
                 f"reply {number} called tools or was made in step mode: replay covers plain replies"
             )
         messages = conversation.request_messages(number, turn, default_system=self.system_prompt)
-        engine = teaching.require_local(shared_engine(turn.model or self.model, self.dtype), "%chat replay")
+        engine = teaching.require_local(self._engine_for(turn.model or self.model), "%chat replay")
         notes = []
         if teaching.messages_digest(messages) != record.get("messages_sha256"):
             notes.append("the messages before it changed since (an earlier turn or the system prompt)")
@@ -804,7 +866,7 @@ class ChatMagics(Magics):
         seed, drawn = teaching.draw_seed(settings["seed"])  # one seed for every column, unless it varies
         columns, records, outcomes = [], [], []
         for value, request in zip(values, requests, strict=True):
-            engine = shared_engine(value if key == "model" else settings["model"], self.dtype)
+            engine = self._engine_for(value if key == "model" else settings["model"])
             column_seed = value if key == "seed" else seed
             records.append(teaching.reproduce_record(engine, request, column_seed, drawn and key != "seed"))
             opener = partial(self._open_compare_stream, engine, {"seed": column_seed, "logprobs": True})

@@ -42,8 +42,9 @@ COMMANDS_HELP = """\
   reset                   forget every exchange (system prompt and settings stay)
   undo                    drop the last exchange
   retry [options]         regenerate the last reply (options as for %%chat, e.g. --seed 3)
-  model [NAME]            show the default model, or make NAME the default and load it
-  models                  models in the registry, in the cache and loaded in this kernel
+  model [NAME|URL]        show the default model, or make NAME the default and load it; a URL
+                          (http://HOST:PORT/v1, or NAME@URL; --api-key KEY) chats with that endpoint
+  models                  models in the registry, in the cache, loaded, and served by endpoints in use
   set KEY=VALUE ...       make a setting the conversation's default (VALUE none removes it); keys:
 {setting_keys}
   settings                every setting, its value and where it comes from
@@ -104,7 +105,8 @@ _CELL_ARGUMENTS = (
     argument("-s", "--system", help="System prompt for this cell (or for the conversation it starts)."),
     argument("--new", action="store_true", help="Start a fresh conversation (the old one is discarded)."),
     argument("-c", "--conversation", metavar="NAME", help="Use conversation NAME for this cell."),
-    argument("--model", help="Model for this cell: a registry name, a .gguf path or a model directory."),
+    argument("--model", help="Model for this cell: a registry name, a .gguf path, a model directory or "
+             "an endpoint URL (NAME@URL for one of its models)."),
     argument("-t", "--temperature", type=float, help="Sampling temperature; 0 = greedy."),
     argument("--top-p", type=float, help="Nucleus sampling: keep the smallest set of tokens with this mass."),
     argument("--top-k", type=int, help="Sample among the K most likely tokens."),
