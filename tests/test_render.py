@@ -274,3 +274,15 @@ def test_transcript_marks_interrupted_replies():
     assert text == f"system: Be brief.\n\nuser: Tell a story\n\nassistant: Once {INTERRUPTED_TEXT}"
     assert markdown.startswith("**system**\n\nBe brief.\n\n---\n\n**user**")
     assert markdown.endswith(f"Once\n\n{INTERRUPTED_MARKDOWN}")
+
+
+def test_a_teaching_view_added_to_the_final_render_replaces_the_reply_data(published):
+    view = ReplyView()
+    view.start()
+    view.append("Hi")
+    view.finish()
+    assert REPLY_MIMETYPE in published[-1]["data"]
+    view.add_to_final({"text/html": "<table></table>"})
+    # The lab extension's renderer would draw the reply over the view: its data goes.
+    expected = {"text/html": "<table></table>", "text/markdown": "Hi", "text/plain": "Hi"}
+    assert published[-1]["data"] == expected

@@ -312,6 +312,8 @@ class ReplyView:
         self.redraws = 0
         self.handle: DisplayHandle | None = None
         self.metadata: dict[str, Any] = {}
+        self.final_bundle: Bundle | None = None
+        self.final_metadata: dict[str, Any] = {}
         self._last_redraw = float("-inf")
         self._written = 0
 
@@ -398,7 +400,8 @@ class ReplyView:
                 metadata=metadata.get("nbchat") or {},
                 logprobs=logprobs,
             )
-            self._redraw({REPLY_MIMETYPE: payload, **bundle}, metadata)
+            self.final_bundle, self.final_metadata = {REPLY_MIMETYPE: payload, **bundle}, metadata
+            self._redraw(self.final_bundle, self.final_metadata)
             return
         # Terminal: write what has not been written yet (all of it when not streaming), then end the line.
         self._stdout.write(self.text[self._written :])
@@ -407,6 +410,15 @@ class ReplyView:
             self._stdout.write(f" {INTERRUPTED_TEXT}" if self.text else INTERRUPTED_TEXT)
         self._stdout.write("\n")
         self._stdout.flush()
+
+    def add_to_final(self, extra: Bundle) -> None:
+        """Redraw the finished reply with more representations (a teaching view's ``text/html``),
+        which front ends prefer to its Markdown. A terminal shows nothing more."""
+        if self.live and self.final_bundle is not None:
+            # Without the reply data: the lab extension's renderer ranks above every other one and
+            # would hide the view.
+            kept = {k: v for k, v in self.final_bundle.items() if k not in extra and k != REPLY_MIMETYPE}
+            self._redraw({**extra, **kept}, self.final_metadata)
 
     def discard(self) -> None:
         """Blank the placeholder of a reply that never came (the request failed)."""
