@@ -92,13 +92,36 @@ def wait_current_notebook(lab_page: LabPage, path: str) -> None:
     )
 
 
-def open_notebook(lab_page: LabPage, path: str) -> None:
-    """Load the lab with an empty workspace (the session's lab is shared: other tests leave tabs
-    behind) and open notebook ``path`` as the current widget."""
+def load_reset_lab(lab_page: LabPage) -> None:
+    """Load the lab with its workspace reset (the session's lab is shared: a tab one test leaves
+    open would be restored in the next)."""
     page = lab_page.page
     page.goto(lab_page.lab.lab_url() + "&reset")
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.started !== undefined")
     page.evaluate("() => window.jupyterapp.started")
+    page.wait_for_function("() => window.jupyterapp.restored !== undefined")
+    page.evaluate("() => window.jupyterapp.restored")
+
+
+def close_notebook(lab_page: LabPage, path: str) -> None:
+    """Shut down notebook ``path``'s kernel and leave the lab's workspace empty."""
+    lab_page.page.evaluate(
+        """async (path) => {
+            const widget = window.jupyterapp.shell.currentWidget;
+            if (widget && widget.context && widget.context.path === path) {
+                await widget.sessionContext.shutdown();
+                widget.dispose();
+            }
+        }""",
+        path,
+    )
+    load_reset_lab(lab_page)
+
+
+def open_notebook(lab_page: LabPage, path: str) -> None:
+    """Open notebook ``path`` as the current widget of a lab with a reset workspace."""
+    page = lab_page.page
+    load_reset_lab(lab_page)
     page.evaluate("(path) => window.jupyterapp.commands.execute('docmanager:open', {path})", path)
     wait_current_notebook(lab_page, path)
 
@@ -117,16 +140,7 @@ def ran_notebook(lab_page: LabPage, name: str, sources: list[str]) -> Iterator[N
             lab_page.wait_cell_done(index, timeout_ms=CHAT_TIMEOUT_MS)
         yield
     finally:
-        page.evaluate(
-            """async (path) => {
-                const widget = window.jupyterapp.shell.currentWidget;
-                if (widget && widget.context && widget.context.path === path) {
-                    await widget.sessionContext.shutdown();
-                    widget.dispose();
-                }
-            }""",
-            name,
-        )
+        close_notebook(lab_page, name)
 
 
 def current_cell(lab_page: LabPage, index: int):
@@ -228,6 +242,7 @@ def test_reply_renders_the_same_text_without_the_extension(lab_page, output_dir,
         assert page.locator(".jp-nbchat-reply").count() == 0
         without_extension = markdown.inner_text()
         page.screenshot(path=str(output_dir / "without-extension.png"))
+        close_notebook(lab_page, "same-text.ipynb")
     finally:
         labextension(lab, "enable", "nbchat", "--level=user")
     assert without_extension == with_extension
@@ -264,10 +279,4 @@ def test_new_chat_cell_from_the_toolbar_button_and_the_shortcut(lab_page, output
         assert current_cell(lab_page, 2).locator(".cm-nbchat-role").inner_text() == "user:"
         page.screenshot(path=str(output_dir / "new-chat-cells.png"))
     finally:
-        page.evaluate(
-            """async () => {
-                const widget = window.jupyterapp.shell.currentWidget;
-                await widget.sessionContext.shutdown();
-                widget.dispose();
-            }"""
-        )
+        close_notebook(lab_page, "new-chat.ipynb")
