@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from nbchat.errors import InvalidRequestError
-from nbchat.protocol import (
+from nbchat.protocol.requests import NamedToolChoice, validate_request
+from nbchat.protocol.responses import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
@@ -17,13 +18,11 @@ from nbchat.protocol import (
     ChoiceDeltaToolCall,
     ChoiceLogprobs,
     ChunkChoice,
-    NamedToolChoice,
     ResponseFunctionCall,
     ResponseToolCall,
     TokenLogprob,
     TopLogprob,
     Usage,
-    validate_request,
 )
 from tests.openai_shapes import assert_exact_openai_shape
 

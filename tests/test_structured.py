@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 
 from nbchat.api import Engine
+from nbchat.chat_format.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from nbchat.errors import ContextLengthError, InvalidRequestError
-from nbchat.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # ---- schemas of increasing difficulty (bounded, so every reply can finish within max_tokens)
 
@@ -92,9 +92,9 @@ def schema_format(schema: dict, *, strict: bool = True, name: str = "answer") ->
 
 def strict_copy(schema: dict) -> dict:
     """The schema as OpenAI's strict mode reads it: no property the schema does not name."""
-    from nbchat.engine.constraints import _strict_schema
+    from nbchat.plan import strict_schema
 
-    return _strict_schema(schema)
+    return strict_schema(schema)
 
 
 # ---- tools
@@ -228,7 +228,7 @@ def test_truncated_output_ends_with_length_and_is_a_valid_prefix(engine):
     loaded = engine._loaded
     compiler = GrammarCompiler.for_tokenizer(loaded.tokenizer, vocab_size=loaded.config.vocab_size,
                                              stop_ids=loaded.stop_ids)
-    constraint = compiler.json_schema(NESTED, strict=True)
+    constraint = compiler.json_schema(strict_copy(NESTED))
     for token_id in engine.tokenizer(text, add_special_tokens=False)["input_ids"]:
         mask = constraint.allowed_bitmask()
         assert (int(mask[token_id // 32]) >> (token_id % 32)) & 1, text
@@ -478,7 +478,7 @@ def test_round_trip_renders_calls_and_results_and_runs(engine, less_whitespace):
     call = response.choices[0].message.tool_calls[0]
     messages = round_trip_messages(response)
     text, _ = engine.render_prompt(messages, tools=TOOLS)
-    from nbchat.tools import tool_prompt
+    from nbchat.chat_format.hermes import tool_prompt
 
     arguments = json.loads(call.function.arguments)
     expected_call = json.dumps({"name": call.function.name, "arguments": arguments})

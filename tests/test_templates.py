@@ -269,7 +269,7 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
 
 
 def test_template_without_tool_support_gets_the_builtin_tool_prompt(tokenizer):
-    from nbchat.tools import tool_prompt
+    from nbchat.chat_format.hermes import tool_prompt
 
     rendered = render_messages(tokenizer, TOOL_CONVERSATION, tools=[WEATHER_TOOL])
     assert rendered == (

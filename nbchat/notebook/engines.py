@@ -10,6 +10,7 @@ conversations, settings or displays.
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,17 @@ _ENGINES: dict[tuple[str, str | None], Engine] = {}
 def loaded_engine(model: str, dtype: str | None) -> Engine | None:
     """The engine already loaded for ``model`` and ``dtype``, or None (loads nothing)."""
     return _ENGINES.get((model, dtype))
+
+
+def release_other_engines(model: str, dtype: str | None) -> list[str]:
+    """Free every loaded engine but the one for ``model`` and ``dtype`` (switching the default model
+    must not keep the previous one's weights and cache in memory); returns the models freed."""
+    released = [key for key in _ENGINES if key != (model, dtype)]
+    for key in released:
+        del _ENGINES[key]
+    if released:
+        gc.collect()  # an Engine and its chat namespace refer to each other: free the arrays now
+    return [name for name, _ in released]
 
 
 def known_models() -> list[tuple[str, str, bool, bool]]:

@@ -28,7 +28,13 @@ from nbchat.errors import InvalidRequestError, NbchatError
 from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import render, tool_loop
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
-from nbchat.notebook.engines import engine_summary, known_models, loaded_engine, shared_engine
+from nbchat.notebook.engines import (
+    engine_summary,
+    known_models,
+    loaded_engine,
+    release_other_engines,
+    shared_engine,
+)
 from nbchat.notebook.options import (
     COMMANDS_HELP,
     HELP_EPILOG,
@@ -38,6 +44,7 @@ from nbchat.notebook.options import (
     build_request,
     cell_arguments,
     cell_options,
+    check_request,
     check_variable_name,
     parse_set_words,
     pop_conversation_option,
@@ -374,6 +381,8 @@ class ChatMagics(Magics):
             return
         shared_engine(words[0], self.dtype)
         self.model = words[0]
+        for released in release_other_engines(words[0], self.dtype):
+            print(f"Freed {released} (only the default model stays loaded).")
 
     def _cmd_models(self, rest: str) -> None:
         self._no_arguments("models", split_words(rest))
@@ -400,7 +409,8 @@ class ChatMagics(Magics):
         new_settings = {**conversation.settings, **{k: v for k, v in updates.items() if k in SETTINGS}}
         new_settings = {key: value for key, value in new_settings.items() if value is not None}
         # Validate the request fields now, so a bad value fails here and not at the next chat.
-        build_request([{"role": "user", "content": "check"}], self._settings(Conversation(), new_settings))
+        check_request(build_request([{"role": "user", "content": "check"}],
+                                    self._settings(Conversation(), new_settings)))
         conversation.settings = new_settings
         if "system" in updates:
             conversation.system = updates["system"] or None

@@ -418,7 +418,8 @@ def build_request(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: Any = None,
 ) -> dict[str, Any]:
-    """The streamed chat completion request for ``messages``, validated before any model loads."""
+    """The streamed chat completion request for ``messages`` (validated by the engine, or before the
+    model loads by :func:`check_request`)."""
     request: dict[str, Any] = {
         "messages": messages,
         "stream": True,
@@ -434,7 +435,12 @@ def build_request(
         request["tools"] = tools
     if tool_choice is not None:
         request["tool_choice"] = tool_choice
-    from nbchat.protocol import validate_request
+    return request
+
+
+def check_request(request: dict[str, Any]) -> dict[str, Any]:
+    """``request``, validated now (before any model loads); a mistake is a one-line UsageError."""
+    from nbchat.protocol.requests import validate_request
 
     try:
         validate_request(request)
