@@ -377,7 +377,7 @@ class _ChoiceRun:
                     pending_logprobs.append(self._engine._token_logprob(event))
                 text = stop_strings.feed(detokenizer.step(event.token_id))
                 yield from emit(output.feed(text))
-                if stop_strings.stopped:
+                if stop_strings.stopped or output.ended:
                     self.finish_reason = "stop"
                     break
         finally:

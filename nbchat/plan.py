@@ -16,12 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nbchat.chat_format import hermes
 from nbchat.errors import InvalidRequestError
-from nbchat.protocol.requests import (
-    ChatCompletionRequest,
-    JsonObjectResponseFormat,
-    JsonSchemaResponseFormat,
-    NamedToolChoice,
-)
+from nbchat.protocol.formats import JsonObjectResponseFormat, JsonSchemaResponseFormat, NamedToolChoice
+from nbchat.protocol.requests import ChatCompletionRequest
 from nbchat.protocol.responses import FinishReason
 
 if TYPE_CHECKING:
@@ -51,6 +47,11 @@ class ChoiceOutput(Protocol):
 
     def finish(self) -> list[dict[str, Any]]: ...
 
+    @property
+    def ended(self) -> bool:
+        """True when the text so far completes the reply (generation stops here)."""
+        ...
+
     def finish_reason(self, ended_by: FinishReason) -> FinishReason:
         """The choice's finish_reason, given why generation ended ("stop" or "length")."""
         ...
@@ -58,6 +59,8 @@ class ChoiceOutput(Protocol):
 
 class TextOutput:
     """Plain text: every piece of text is a content delta."""
+
+    ended = False  # plain text never ends the reply by itself
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         return [{"content": text}] if text else []
@@ -72,17 +75,59 @@ class TextOutput:
 class ToolCallOutput:
     """A reply that may call tools: content and tool calls in the chat format's syntax. A reply that
     ended by itself after calling tools finishes with "tool_calls"; a call forced by a named
-    tool_choice finishes with "stop", as OpenAI's does."""
+    tool_choice finishes with "stop", as OpenAI's does.
+
+    A call identical to an earlier one of the same reply (a small model under ``tool_choice=
+    "required"`` loops on its first call) ends the reply instead: its deltas are held back while it
+    could still be a repeat, dropped once it is one, and ``ended`` tells the generation to stop.
+    """
 
     def __init__(self, *, named_choice: bool):
         self._parser = hermes.ToolCallParser()
         self._named_choice = named_choice
+        self._made: list[tuple[str, str]] = []  # (name, arguments) of the calls so far
+        self._current: list[str] | None = None  # [name, arguments so far] of the call being read
+        self._held: list[dict[str, Any]] | None = None  # its deltas, while it may be a repeat
+        self.ended = False
 
     def feed(self, text: str) -> list[dict[str, Any]]:
-        return self._parser.feed(text)
+        return [] if self.ended else self._without_repeats(self._parser.feed(text), finished=False)
 
     def finish(self) -> list[dict[str, Any]]:
-        return self._parser.finish()
+        return [] if self.ended else self._without_repeats(self._parser.finish(), finished=True)
+
+    def _without_repeats(self, deltas: list[dict[str, Any]], *, finished: bool) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for delta in deltas:
+            for piece in delta.get("tool_calls", ()):
+                if "id" in piece:  # a new call: the previous one is complete
+                    self._close_call(out)
+                    self._current = [piece["function"]["name"], ""]
+                    self._held = [] if self._could_repeat() else None
+                else:
+                    self._current[1] += piece["function"]["arguments"]
+                    if self._held is not None and not self._could_repeat():
+                        out += self._held
+                        self._held = None
+            (out if self._held is None or "tool_calls" not in delta else self._held).append(delta)
+        if not self._parser.in_call or finished:
+            self._close_call(out, finished=finished)
+        return out
+
+    def _could_repeat(self) -> bool:
+        name, arguments = self._current
+        return any(name == made and earlier.startswith(arguments) for made, earlier in self._made)
+
+    def _close_call(self, out: list[dict[str, Any]], *, finished: bool = False) -> None:
+        if self._current is None:
+            return
+        call, self._current = tuple(self._current), None
+        if self._held is not None and not finished and call in self._made:
+            self.ended = True  # a repeat: drop it and end the reply here
+        elif self._held is not None:
+            out += self._held
+        self._held = None
+        self._made.append(call)
 
     def finish_reason(self, ended_by: FinishReason) -> FinishReason:
         if ended_by == "stop" and self._parser.tool_calls and not self._named_choice:
@@ -172,8 +217,9 @@ def _tool_call_grammar(request: ChatCompletionRequest, compiler: GrammarCompiler
     functions = []
     for index, tool in tools:
         parameters = NO_PARAMETERS if tool.function.parameters is None else tool.function.parameters
-        if tool.function.strict:
-            parameters = strict_schema(parameters)
+        # Arguments the schema does not name are refused even without strict (as llama.cpp's grammars
+        # do): a small model otherwise invents nested arguments until max_tokens.
+        parameters = strict_schema(parameters)
         # Compact arguments: whitespace in them is tokens nobody reads.
         param = f"tools[{index}].function.parameters"
         functions.append((tool.function.name, _checked(compiler, parameters, param, COMPACT_JSON)))

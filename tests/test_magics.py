@@ -531,6 +531,27 @@ def test_help_shows_options_commands_and_grammar(chat, capsys):
     assert len(chat.conversation()) == 0
 
 
+def test_every_cmd_method_with_a_docstring_is_a_command_with_its_help_line(chat, capsys):
+    from nbchat.notebook.magics import ChatMagics
+    from nbchat.notebook.options import commands_of, help_epilog
+
+    methods = {name[len("_cmd_"):] for name in dir(ChatMagics) if name.startswith("_cmd_")}
+    assert set(ChatMagics.COMMANDS) == methods
+    chat.run("%chat help")
+    text = capsys.readouterr().out
+    for name, (arguments, description) in commands_of(ChatMagics).items():
+        assert f"  {f'{name} {arguments}'.strip():<23} {description}" in text
+
+    class WithPing(ChatMagics):
+        def _cmd_ping(self, rest: str) -> None:
+            """[N] -- answer pong N times
+
+            Only the first line is the help."""
+
+    assert commands_of(WithPing)["ping"] == ("[N]", "answer pong N times")
+    assert "  ping [N]                answer pong N times\n" in help_epilog(commands_of(WithPing))
+
+
 # --- interrupts -----------------------------------------------------------------------------------
 
 

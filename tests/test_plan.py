@@ -166,3 +166,52 @@ def test_response_format_schema_errors_name_the_field(compiler):
         build_constraint(validate_request({"messages": [{"role": "user", "content": "Hi"}],
                                            "response_format": bad}), compiler)
     assert info.value.param == "response_format" and "Invalid type: strng" in info.value.message
+
+
+def feed_in_pieces(output, text: str, size: int = 3) -> list[dict]:
+    deltas = []
+    for start in range(0, len(text), size):
+        deltas += output.feed(text[start:start + size])
+        if output.ended:
+            break
+    return deltas + output.finish()
+
+
+def test_a_repeated_call_ends_the_reply_and_is_dropped():
+    from nbchat.plan import ToolCallOutput
+
+    paris = WEATHER_CALL
+    london = WEATHER_CALL.replace("Paris", "London")
+    output = ToolCallOutput(named_choice=False)
+    deltas = feed_in_pieces(output, paris + "\n" + london + "\n" + paris + "\n" + paris[:30])
+    assert output.ended and output.finish_reason("stop") == "tool_calls"
+    announced = [piece["index"] for d in deltas for piece in d.get("tool_calls", ()) if "id" in piece]
+    assert announced == [0, 1]  # the repeat of the first call never went out
+    arguments = {}
+    for d in deltas:
+        for piece in d.get("tool_calls", ()):
+            arguments[piece["index"]] = arguments.get(piece["index"], "") + piece["function"]["arguments"]
+    assert arguments == {0: '{"city":"Paris","unit":"celsius"}', 1: '{"city":"London","unit":"celsius"}'}
+    assert not any("content" in d for d in deltas)
+
+
+def test_a_call_that_starts_like_an_earlier_one_is_released_once_it_differs():
+    from nbchat.plan import ToolCallOutput
+
+    output = ToolCallOutput(named_choice=False)
+    first = WEATHER_CALL
+    second = WEATHER_CALL.replace('"celsius"', '"fahrenheit"')
+    deltas = feed_in_pieces(output, first + "\n" + second)
+    assert not output.ended
+    announced = [piece for d in deltas for piece in d.get("tool_calls", ()) if "id" in piece]
+    assert [piece["index"] for piece in announced] == [0, 1]
+
+
+def test_a_close_tag_cut_by_max_tokens_is_not_content():
+    from nbchat.chat_format.hermes import parse_tool_calls
+
+    for cut in ("\n</tool", "\n<", "\n"):
+        content, calls = parse_tool_calls(WEATHER_CALL[: -len("\n</tool_call>")] + cut)
+        assert content is None and len(calls) == 1
+    content, calls = parse_tool_calls(WEATHER_CALL + "\n<tool_call>\n{\"na")  # cut before a name
+    assert content is None and len(calls) == 1

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from nbchat.errors import InvalidRequestError
-from nbchat.protocol.requests import NamedToolChoice, validate_request
+from nbchat.protocol.formats import NamedToolChoice
+from nbchat.protocol.requests import validate_request
 from nbchat.protocol.responses import (
     ChatCompletion,
     ChatCompletionChunk,

@@ -374,11 +374,16 @@ def test_auto_with_a_json_response_format_gives_that_json_or_calls(engine, less_
 
 
 def test_parallel_calls_until_cut(engine, less_whitespace):
-    """The model may not stop (EOS banned), so it keeps calling tools: several calls, cut by max_tokens."""
+    """The model may not stop (EOS banned), so it keeps calling tools: several calls, cut by max_tokens.
+    Sampled: greedy decoding repeats its first call, and a repeated call ends the reply."""
     newline = engine.tokenizer.convert_tokens_to_ids("\u010a")  # byte-level BPE's "\n"
     no_stop = {token_id: -100 for token_id in engine._loaded.stop_ids}
     request = {"tools": TOOLS, "tool_choice": "required", "max_tokens": 150,
-               "logit_bias": {**less_whitespace, newline: 0, **no_stop}, **GREEDY}
+               "logit_bias": {**less_whitespace, newline: 0, **no_stop}}
+    greedy = create(engine, **request, **GREEDY).choices[0]
+    calls = [(call.function.name, call.function.arguments) for call in greedy.message.tool_calls]
+    assert greedy.finish_reason == "tool_calls" and len(set(calls)) == len(calls) >= 1
+    request.update(temperature=1.0, seed=1, max_tokens=220)
     response = create(engine, **request)
     choice = response.choices[0]
     assert choice.finish_reason == "length"
@@ -612,6 +617,26 @@ def test_smollm2_named_choice(smollm2_engine):
     assert choice.finish_reason == "stop" and choice.message.content is None
     [(name, arguments)] = assert_valid_calls(choice.message)
     assert name == "get_weather" and arguments["city"] == "Paris"
+
+
+@pytest.mark.integration
+def test_smollm2_required_call_ends_after_the_call_and_leaks_no_tag(smollm2_engine):
+    """Greedy, with parallel calls allowed: this model would repeat its first call until max_tokens
+    (ending in content "</tool"); a repeat ends the reply, and content never holds tag syntax."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "unit": {"enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city", "unit"]}}}
+    request = {"tools": [weather], "tool_choice": "required", "max_tokens": 80, **GREEDY}
+    response = smollm2_create(smollm2_engine, "What's the weather in Paris?", **request)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.arguments == '{"city":"Paris","unit":"celsius"}'  # compact JSON
+    chunks = list(smollm2_create(smollm2_engine, "What's the weather in Paris?", stream=True, **request))
+    content, streamed, finish = streamed_message(chunks)
+    assert content == "" and same_calls(choice.message, streamed) and finish == "tool_calls"
 
 
 @pytest.mark.integration

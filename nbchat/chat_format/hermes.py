@@ -152,6 +152,11 @@ class ToolCallParser:
     # public state
 
     @property
+    def in_call(self) -> bool:
+        """Whether the text so far ends inside a tool call (its closing tag not seen yet)."""
+        return self._scanner is not None
+
+    @property
     def content(self) -> str | None:
         text = "".join(self._content)
         return text or None
@@ -263,11 +268,12 @@ class ToolCallParser:
         scanner = self._scanner
         assert scanner is not None
         self._scanner = None
-        if scanner.name is None:  # never named: not a call; give the block back as text
+        if scanner.name is None:  # never named: not a call; give a closed block back as text
             raw, self._call_raw = self._call_raw, ""
-            self._emit_text(raw + (self._text if truncated else ""), deltas)
-            if truncated:
+            if truncated:  # a call cut off (max_tokens) before its name: tag syntax, not content
                 self._text = ""
+            else:
+                self._emit_text(raw, deltas)
             return
         self._stream_call(scanner, deltas)
         if scanner.args_is_string and scanner.args_end is not None:

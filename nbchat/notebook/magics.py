@@ -21,11 +21,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Bool, Enum, Float, Int, List, Unicode
 
 from nbchat.conversation import Conversation, ConversationError, Turn
 from nbchat.errors import InvalidRequestError, NbchatError
-from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import render, tool_loop
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
 from nbchat.notebook.engines import (
@@ -36,28 +34,29 @@ from nbchat.notebook.engines import (
     shared_engine,
 )
 from nbchat.notebook.options import (
-    COMMANDS_HELP,
-    HELP_EPILOG,
     REQUEST_SETTINGS,
     SETTINGS,
     TOOL_CHOICE_MODES,
+    ChatSettings,
     build_request,
     cell_arguments,
     cell_options,
     check_request,
     check_variable_name,
+    commands_of,
+    help_epilog,
     parse_set_words,
     pop_conversation_option,
     pydantic_model_class,
+    set_help_epilog,
     split_names,
     split_words,
     suggest,
 )
-from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
+from nbchat.notebook.render import ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, structured_value
 
 __all__ = [
-    "COMMANDS_HELP",
     "DEFAULT_CONVERSATION",
     "HELP_EPILOG",
     "REQUEST_SETTINGS",
@@ -65,6 +64,7 @@ __all__ = [
     "TOOL_CHOICE_MODES",
     "ChatMagics",
     "ChatReply",
+    "ChatSettings",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
@@ -73,40 +73,12 @@ DEFAULT_CONVERSATION = "default"
 
 
 @magics_class
-class ChatMagics(Magics):
-    """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages."""
+class ChatMagics(Magics, ChatSettings):
+    """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages.
 
-    model = Unicode(
-        DEFAULT_MODEL, help="Model for new chats: a registry name, a .gguf path or a model directory."
-    ).tag(config=True)
-    dtype = Unicode(
-        None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
-    ).tag(config=True)
-    system_prompt = Unicode(
-        None, allow_none=True, help="System prompt of conversations that set none themselves."
-    ).tag(config=True)
-    temperature = Float(
-        None, allow_none=True, help="Sampling temperature (0 = greedy); None: the engine's default."
-    ).tag(config=True)
-    top_p = Float(None, allow_none=True, help="Nucleus sampling mass; None: off.").tag(config=True)
-    top_k = Int(None, allow_none=True, help="Sample among the k most likely tokens; None: off.").tag(
-        config=True
-    )
-    max_tokens = Int(
-        512, allow_none=True, help="Most tokens in one reply; None: up to the context length."
-    ).tag(config=True)
-    stop = List(Unicode(), help="Strings that end a reply.").tag(config=True)
-    seed = Int(
-        None, allow_none=True, help="Sampling seed for reproducible replies; None: fresh randomness."
-    ).tag(config=True)
-    format = Enum(list(FORMATS), default_value="markdown", help="How replies are shown.").tag(config=True)
-    stream = Bool(True, help="Show the reply as it is generated.").tag(config=True)
-    interpolate = Bool(True, help="Replace {name}, {In[n]}, {Out[n]} in cells with their values.").tag(
-        config=True
-    )
-    max_tool_steps = Int(
-        5, help="Most rounds of running tool calls and sending their results back in one exchange."
-    ).tag(config=True)
+    The settings are ``ChatSettings``' traits; each ``%chat NAME`` command is a ``_cmd_NAME(rest)``
+    method whose docstring's first line is its help (``ARGUMENTS -- description``).
+    """
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -286,14 +258,6 @@ class ChatMagics(Magics):
 
     # --- %chat commands ---------------------------------------------------------------------------
 
-    # Each command NAME is the method _cmd_NAME(rest of the line); listed in this order.
-    COMMANDS = tuple(
-        (
-            "history reset undo retry model models set settings system prompt "
-            "save load conversations tools help"
-        ).split()
-    )
-
     def _command(self, line: str) -> Any:
         words = line.strip().split(None, 1)
         if not words:
@@ -320,9 +284,11 @@ class ChatMagics(Magics):
             raise UsageError(f"%chat {command} takes no arguments (got {' '.join(words)!r})")
 
     def _cmd_help(self, rest: str) -> None:
+        """this text"""
         print(self.chat.__doc__)
 
     def _cmd_history(self, rest: str) -> None:
+        """show the conversation so far"""
         conversation, words = self._target(rest)
         self._no_arguments("history", words)
         if not conversation.turns:
@@ -340,6 +306,7 @@ class ChatMagics(Magics):
         )
 
     def _cmd_reset(self, rest: str) -> None:
+        """forget every exchange (system prompt and settings stay)"""
         conversation, words = self._target(rest)
         self._no_arguments("reset", words)
         count = len(conversation)
@@ -347,6 +314,7 @@ class ChatMagics(Magics):
         print(f"Conversation {conversation.name!r} reset ({count} exchanges forgotten).")
 
     def _cmd_undo(self, rest: str) -> None:
+        """drop the last exchange"""
         conversation, words = self._target(rest)
         self._no_arguments("undo", words)
         turn = conversation.undo()
@@ -355,6 +323,7 @@ class ChatMagics(Magics):
         print(f"Removed the last exchange of {conversation.name!r} ({preview!r}); {len(conversation)} left.")
 
     def _cmd_retry(self, rest: str) -> ChatReply | None:
+        """[options] -- regenerate the last reply (options as for %%chat, e.g. --seed 3)"""
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         args = self.chat.parser.parse_args(words)  # type: ignore[attr-defined]
@@ -371,6 +340,7 @@ class ChatMagics(Magics):
         )
 
     def _cmd_model(self, rest: str) -> None:
+        """[NAME] -- show the default model, or make NAME the default and load it (freeing the old)"""
         words = split_words(rest)
         if len(words) > 1:
             raise UsageError("%chat model takes one model name (quote a path with spaces)")
@@ -385,6 +355,7 @@ class ChatMagics(Magics):
             print(f"Freed {released} (only the default model stays loaded).")
 
     def _cmd_models(self, rest: str) -> None:
+        """models in the registry, in the cache and loaded in this kernel"""
         self._no_arguments("models", split_words(rest))
         rows = known_models()
         yes = {True: "yes", False: ""}
@@ -402,6 +373,7 @@ class ChatMagics(Magics):
         render.show(markdown + f"\nDefault: `{self.model}`", text + f"\nDefault: {self.model}")
 
     def _cmd_set(self, rest: str) -> None:
+        """KEY=VALUE ... -- make a setting the conversation's default (VALUE none removes it)"""
         conversation, words = self._target(rest)
         updates = parse_set_words(words)
         if "conversation" in updates:
@@ -420,6 +392,7 @@ class ChatMagics(Magics):
         print(f"Set {shown} (conversation {conversation.name!r}).")
 
     def _cmd_settings(self, rest: str) -> None:
+        """every setting, its value and where it comes from"""
         conversation, words = self._target(rest)
         self._no_arguments("settings", words)
         settings = self._settings(conversation, {})
@@ -443,6 +416,7 @@ class ChatMagics(Magics):
         render.show(markdown, text)
 
     def _cmd_system(self, rest: str) -> None:
+        """[-c NAME] [TEXT] -- show or set the conversation's system prompt"""
         name = None
         words = rest.split(None, 2)
         if words and words[0] in ("-c", "--conversation"):
@@ -459,7 +433,7 @@ class ChatMagics(Magics):
         print(f"System prompt of {conversation.name!r} set.")
 
     def _cmd_prompt(self, rest: str) -> None:
-        """The prompt that produced the last reply, exactly as the model read it."""
+        """the exact templated prompt of the last reply and its token count"""
         conversation, words = self._target(rest)
         self._no_arguments("prompt", words)
         last = conversation.last()
@@ -475,6 +449,7 @@ class ChatMagics(Magics):
         self._show_prompt(shared_engine(model, self.dtype), messages, tools=tools)
 
     def _cmd_save(self, rest: str) -> None:
+        """FILE -- write the conversation as JSON"""
         conversation, words = self._target(rest)
         if len(words) != 1:
             raise UsageError("%chat save needs one FILE (quote a path with spaces)")
@@ -485,6 +460,7 @@ class ChatMagics(Magics):
         print(f"Saved {conversation.name!r} ({len(conversation)} exchanges) to {path}.")
 
     def _cmd_load(self, rest: str) -> None:
+        """FILE -- read a conversation written by %chat save"""
         name, words = pop_conversation_option(split_words(rest))
         if len(words) != 1:
             raise UsageError("%chat load needs one FILE (quote a path with spaces)")
@@ -496,7 +472,7 @@ class ChatMagics(Magics):
         print(f"Loaded {len(loaded)} exchanges into {loaded.name!r} from {words[0]}.")
 
     def _cmd_tools(self, rest: str) -> None:
-        """``%chat tools [add|remove|allow|deny NAME ...]``: show or change the conversation's tools."""
+        """[add|remove|allow|deny F ...] -- show or change the conversation's tools"""
         conversation, words = self._target(rest)
         if not words:
             self._show_tools(conversation)
@@ -529,11 +505,18 @@ class ChatMagics(Magics):
         render.show(markdown, text)
 
     def _cmd_conversations(self, rest: str) -> None:
+        """list the conversations"""
         self._no_arguments("conversations", split_words(rest))
         for name, conversation in sorted(self.conversations.items()):
             marker = "*" if name == self.current else " "
             count = len(conversation)
             print(f"{marker} {name}: {count} exchange{'' if count == 1 else 's'}")
+
+
+# The commands and the help are read off the class: each _cmd_NAME method with a docstring.
+ChatMagics.COMMANDS = tuple(commands_of(ChatMagics))
+HELP_EPILOG = help_epilog(commands_of(ChatMagics))
+set_help_epilog(ChatMagics.chat, HELP_EPILOG)
 
 
 def load_ipython_extension(shell: Any) -> None:

@@ -21,42 +21,78 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, kwds, magic_arguments
+from IPython.core.magic_arguments import argument, magic_arguments
+from traitlets import Bool, Enum, Float, Int, List, TraitError, TraitType, Unicode
+from traitlets.config import Configurable
 
 from nbchat.errors import InvalidRequestError
+from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import cells
 from nbchat.notebook.render import FORMATS, one_line
+from nbchat.protocol import TOOL_NAME_PATTERN
 from nbchat.tools import Tool
 
-# Request fields a setting maps to one-to-one (None = not sent: the engine's default applies).
-REQUEST_SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
+
+class ChatSettings(Configurable):
+    """Every chat setting, described once as a trait: its type (``%chat set`` parses a value with the
+    trait's ``from_string``), default and help (``%config ChatMagics`` shows it). A trait tagged
+    ``setting`` is a key of ``%chat set`` that a cell option can override, in this order; one tagged
+    ``request`` is sent as the chat completion request field of its name."""
+
+    model = Unicode(
+        DEFAULT_MODEL, help="Model for new chats: a registry name, a .gguf path or a model directory."
+    ).tag(config=True, setting=True)
+    dtype = Unicode(
+        None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
+    ).tag(config=True)
+    system_prompt = Unicode(
+        None, allow_none=True, help="System prompt of conversations that set none themselves."
+    ).tag(config=True)
+    temperature = Float(
+        None, allow_none=True, help="Sampling temperature (0 = greedy); None: the engine's default."
+    ).tag(config=True, setting=True, request=True)
+    top_p = Float(None, allow_none=True, help="Nucleus sampling mass; None: off.").tag(
+        config=True, setting=True, request=True
+    )
+    top_k = Int(None, allow_none=True, help="Sample among the k most likely tokens; None: off.").tag(
+        config=True, setting=True, request=True
+    )
+    max_tokens = Int(
+        512, allow_none=True, help="Most tokens in one reply; None: up to the context length."
+    ).tag(config=True, setting=True, request=True)
+    stop = List(Unicode(), help="Strings that end a reply.").tag(config=True, setting=True, request=True)
+    seed = Int(
+        None, allow_none=True, help="Sampling seed for reproducible replies; None: fresh randomness."
+    ).tag(config=True, setting=True, request=True)
+    format = Enum(list(FORMATS), default_value="markdown", help="How replies are shown.").tag(
+        config=True, setting=True
+    )
+    stream = Bool(True, help="Show the reply as it is generated.").tag(config=True, setting=True)
+    interpolate = Bool(True, help="Replace {name}, {In[n]}, {Out[n]} in cells with their values.").tag(
+        config=True, setting=True
+    )
+    max_tool_steps = Int(
+        5, help="Most rounds of running tool calls and sending their results back in one exchange."
+    ).tag(config=True, setting=True)
+
+
+def _traits_tagged(tag: str) -> tuple[str, ...]:
+    """The names of ChatSettings' traits tagged ``tag``, in definition order."""
+    traits = vars(ChatSettings).items()
+    return tuple(name for name, trait in traits if isinstance(trait, TraitType) and trait.metadata.get(tag))
+
+
 # Every setting `%chat set` accepts and a cell option can override, in display order.
-SETTINGS = ("model", *REQUEST_SETTINGS, "format", "stream", "interpolate", "max_tool_steps")
+SETTINGS = _traits_tagged("setting")
+# Request fields a setting maps to one-to-one (None = not sent: the engine's default applies).
+REQUEST_SETTINGS = _traits_tagged("request")
 # What `%chat set` accepts: the settings, and the conversation's system prompt and name.
 SET_KEYS = (*SETTINGS, "system", "conversation")
 TOOL_CHOICE_MODES = ("auto", "required", "none")
 
-COMMANDS_HELP = """\
-%chat commands (each acts on the current conversation; add -c NAME to pick another):
-  history                 show the conversation so far
-  reset                   forget every exchange (system prompt and settings stay)
-  undo                    drop the last exchange
-  retry [options]         regenerate the last reply (options as for %%chat, e.g. --seed 3)
-  model [NAME]            show the default model, or make NAME the default and load it
-  models                  models in the registry, in the cache and loaded in this kernel
-  set KEY=VALUE ...       make a setting the conversation's default (VALUE none removes it); keys:
-{setting_keys}
-  settings                every setting, its value and where it comes from
-  system [-c NAME] [TEXT] show or set the conversation's system prompt
-  tools                   the conversation's tools (Python functions the model may call)
-  tools add|remove F ...  offer / stop offering the notebook's functions F ... in every chat
-  tools allow|deny F ...  let F run in this kernel when the model calls it (allow adds F if needed)
-  prompt                  the exact templated prompt of the last reply and its token count
-  save FILE / load FILE   write / read the conversation as JSON
-  conversations           list the conversations
-  help                    this text
-
-Settings resolve as: cell option > %chat set (per conversation) > %config ChatMagics.<name>.
+_GENERAL_HELP = """\
+Settings resolve as: cell option > %chat set (per conversation) > %config ChatMagics.<name>; \
+the keys of %chat set KEY=VALUE are {setting_keys}.
 --system and a system: block apply to that cell only, except in the cell that starts a conversation,
 where they become its system prompt. Re-running a cell replaces the exchange it produced before.
 An interrupt (Stop button) ends the reply: the partial text is kept, marked as interrupted.
@@ -66,27 +102,47 @@ Structured output: --json asks for a JSON object, --schema VAR for JSON valid fo
 --out VAR stores the parsed value (a validated instance for a pydantic class); a reply cut off at
 max_tokens is marked and --out stores its text.
 Tools: --tools F,G offers the notebook's functions F and G (or nbchat Tools) with the conversation's
-tools. A call the model makes is shown (name, arguments, result); it runs in this kernel only when
-allowed: --run-tools (this cell), %chat tools allow F, or @nbchat.tool(allow_run=True). A result
-(or the error a tool raised) goes back to the model, which answers or calls again, up to
---max-tool-steps rounds (default 5). --tool-choice required|NAME forces the first step to call a
-tool; later steps are auto. A call that may not run is shown with how to allow it, and the cell stops.
-Tools added with %chat tools belong to the conversation: reset keeps them, --new starts without them.
+tools; %chat tools add|remove F offers / stops offering them in every chat, %chat tools allow|deny F
+lets F run in this kernel or not (allow adds F if needed). A call the model makes is shown (name,
+arguments, result); it runs in this kernel only when allowed: --run-tools (this cell), %chat tools
+allow F, or @nbchat.tool(allow_run=True). A result (or the error a tool raised) goes back to the
+model, which answers or calls again, up to --max-tool-steps rounds (default 5). --tool-choice
+required|NAME forces the first step to call a tool; later steps are auto. A call that may not run is
+shown with how to allow it, and the cell stops. Tools added with %chat tools belong to the
+conversation: reset keeps them, --new starts without them.
 """
+
+
+def commands_of(magics: type) -> dict[str, tuple[str, str]]:
+    """``{NAME: (arguments, description)}`` of every ``_cmd_NAME`` method of ``magics`` (and its bases)
+    with a docstring, in definition order. The docstring's first line is the command's help:
+    ``ARGUMENTS -- description``, or just the description when it takes none."""
+    commands: dict[str, tuple[str, str]] = {}
+    for klass in reversed(magics.__mro__):
+        for attribute, method in vars(klass).items():
+            doc = getattr(method, "__doc__", None)
+            if attribute.startswith("_cmd_") and callable(method) and doc and doc.strip():
+                first_line = doc.strip().splitlines()[0].strip()
+                arguments, _, description = first_line.rpartition(" -- ")
+                commands[attribute[len("_cmd_"):]] = (arguments, description)
+    return commands
+
+
+def help_epilog(commands: dict[str, tuple[str, str]]) -> str:
+    """The text after the options in ``%chat help``: the commands, the settings and the cell grammar."""
+    lines = ["%chat commands (each acts on the current conversation; add -c NAME to pick another):"]
+    for name, (arguments, description) in commands.items():
+        usage = f"{name} {arguments}".strip()
+        lines.append(f"  {usage:<23} {description}")
+    general = _GENERAL_HELP.format(setting_keys=", ".join(SET_KEYS))
+    general = "\n".join(textwrap.fill(line, width=100) if line.startswith("Settings resolve") else line
+                        for line in general.split("\n"))
+    return "\n".join(lines) + "\n\n" + general + "\n" + _cell_grammar_help()
 
 
 def _cell_grammar_help() -> str:
     doc = cells.__doc__ or ""
     return doc[doc.index("Role headers") :].strip() if "Role headers" in doc else doc
-
-
-_SETTING_KEYS = textwrap.fill(
-    ", ".join(SET_KEYS),
-    width=100,
-    initial_indent=" " * 26,
-    subsequent_indent=" " * 26,
-)
-HELP_EPILOG = COMMANDS_HELP.format(setting_keys=_SETTING_KEYS) + "\n" + _cell_grammar_help()
 
 
 # The %%chat options, in the order the help lists them.
@@ -147,12 +203,20 @@ _CELL_ARGUMENTS = (
 
 
 def cell_arguments(magic: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator giving a magic the ``%%chat`` options: ``magic.parser`` parses them and the magic's
-    docstring becomes the full help (its own docstring, the options, then :data:`HELP_EPILOG`)."""
+    """Decorator giving a magic the ``%%chat`` options: ``magic.parser`` parses them; the magic's
+    docstring becomes the full help once :func:`set_help_epilog` adds the commands (known only when
+    the class holding them exists)."""
     # In a decorator stack the one closest to the function applies first: apply the list from its end.
     for declaration in reversed(_CELL_ARGUMENTS):
         magic = declaration(magic)
-    return magic_arguments(name="%chat")(kwds(epilog=HELP_EPILOG)(magic))  # shown as %%chat in the usage
+    return magic_arguments(name="%chat")(magic)  # shown as %%chat in the usage
+
+
+def set_help_epilog(magic: Callable[..., Any], epilog: str) -> None:
+    """Put ``epilog`` after the options in ``magic``'s help (its docstring, as ``magic_arguments``
+    builds it)."""
+    magic.parser.epilog = epilog  # type: ignore[attr-defined]
+    magic.__doc__ = magic.parser.format_help()  # type: ignore[attr-defined]
 
 
 # --- words and values -----------------------------------------------------------------------------
@@ -200,46 +264,32 @@ def decode_escapes(text: str) -> str:
     return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
 
 
-def _parse_bool(text: str, key: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "yes", "on", "1"):
-        return True
-    if lowered in ("false", "no", "off", "0"):
-        return False
-    raise UsageError(f"{key} must be true or false, not {text!r}")
+def _expected(trait: TraitType) -> str:
+    if isinstance(trait, Enum):
+        return f"one of {', '.join(map(str, trait.values))}"
+    if isinstance(trait, List):
+        return "a string or a JSON list of strings"
+    return {Float: "a number", Int: "an integer", Bool: "true or false"}.get(type(trait), "a string")
 
 
 def parse_setting(key: str, text: str) -> Any:
-    """The value of ``%chat set KEY=TEXT``, converted to the setting's type (None = remove)."""
+    """The value of ``%chat set KEY=TEXT``, parsed by the setting's trait (None = remove)."""
     if text.strip().lower() in ("none", "null", "default", ""):
         return None
+    trait = ChatSettings.class_traits()[key]
     try:
-        if key in ("temperature", "top_p"):
-            return float(text)
-        if key in ("top_k", "max_tokens", "seed"):
-            return int(text)
-        if key == "max_tool_steps":
-            return check_tool_steps(int(text), key)
-    except ValueError:
-        kind = "a number" if key in ("temperature", "top_p") else "an integer"
-        raise UsageError(f"{key} must be {kind}, not {text!r}") from None
-    if key == "stop":
-        if text.lstrip().startswith("["):
-            try:
-                stops = json.loads(text)
-            except json.JSONDecodeError:
-                raise UsageError(f"stop: {text!r} is not a JSON list of strings") from None
-            if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
-                raise UsageError(f"stop: {text!r} is not a JSON list of strings")
-            return stops
-        return [decode_escapes(text)]
-    if key == "format":
-        if text not in FORMATS:
-            raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {text!r}")
-        return text
-    if key in ("stream", "interpolate"):
-        return _parse_bool(text, key)
-    return text
+        if isinstance(trait, List):  # a JSON list of strings, or one string with escapes decoded
+            value = json.loads(text) if text.lstrip().startswith("[") else [decode_escapes(text)]
+        else:
+            value = trait.from_string(text if isinstance(trait, Unicode) else text.strip())
+        probe = ChatSettings()  # the trait validates (and converts) the value as %config would
+        setattr(probe, key, value)
+        value = getattr(probe, key)
+    except (ValueError, TypeError, TraitError):
+        raise UsageError(f"{key} must be {_expected(trait)}, not {text!r}") from None
+    if key == "max_tool_steps":
+        check_tool_steps(value, key)
+    return value
 
 
 def parse_set_words(words: list[str]) -> dict[str, Any]:
@@ -342,7 +392,7 @@ def _describe(value: Any) -> str:
 
 
 def _schema_name(name: str) -> str:
-    """A name OpenAI's json_schema accepts (``^[a-zA-Z0-9_-]{1,64}$``) from a variable or class name."""
+    """A name OpenAI's json_schema accepts (``TOOL_NAME_PATTERN``) from a variable or class name."""
     return re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "schema"
 
 
@@ -401,7 +451,7 @@ def tool_from_namespace(name: str, where: str, namespace: Mapping[str, Any]) -> 
     if not callable(value) or isinstance(value, type):
         raise UsageError(f"{where}: {name!r} is {_describe(value)}, not a function")
     own_name = getattr(value, "__name__", "")
-    tool_name = own_name if re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", own_name) else name
+    tool_name = own_name if re.fullmatch(TOOL_NAME_PATTERN, own_name) else name
     try:
         return Tool.from_function(value, name=tool_name)
     except (TypeError, ValueError) as error:

@@ -1,7 +1,8 @@
 """OpenAI's chat completion shapes, validated once.
 
-``requests`` holds the request types and their validation (``validate_request``), ``messages`` the
-message types and the rules that span several messages, ``responses`` the response and stream chunk
+``requests`` holds the request type and its validation (``validate_request``), ``messages`` the
+message types and the rules that span several messages, ``formats`` the ``response_format``,
+``tools`` and ``tool_choice`` types, ``responses`` the response and stream chunk
 types, ``errors`` the one translation of pydantic's errors into ``InvalidRequestError``, ``deltas``
 the merge of streamed tool-call fragments (importable without pydantic, for the notebook layer).
 
