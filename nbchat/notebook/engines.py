@@ -2,7 +2,8 @@
 models it knows.
 
 Loading a model is slow, so every conversation, every re-load of the extension and every surface in
-the kernel shares one engine per model and dtype. The first use loads it (the loader shows progress
+the kernel shares one engine per model and dtype; switching the default model (``%chat model``)
+frees the others. The first use loads it (the loader shows progress
 bars), compiles it with a two-token warm-up reply and prints a one-line summary. Importing this
 module imports no JAX: ``nbchat.api`` is imported on the first load. Nothing here knows about
 conversations, settings or displays.

@@ -1,12 +1,13 @@
-"""What the words of a ``%%chat`` line and of ``%chat set`` mean: the options, the settings, the request.
+"""What the words of a ``%%chat`` line and of ``%chat set`` mean: the settings, the options, the request.
 
-Holds the ``%%chat`` options (IPython ``magic_arguments``) and the help they print (the ``%chat``
-commands and the cell grammar included), shell-style splitting of a line, ``%chat set KEY=VALUE``
-values, the settings a cell's options set, the notebook variables options name (``--schema VAR``,
-``--tools F``) resolved to a ``response_format`` and to a tool, and the chat completion request built
-from settings and validated. Every mistake is a one-line ``UsageError`` naming the option. Nothing
-here loads a model, streams, runs a tool or keeps state: the magic calls these with its settings and
-the user namespace.
+Holds ``ChatSettings`` (every setting described once, as a trait: type, default, help; the setting
+table and ``%chat set`` parsing are read off the traits), the ``%%chat`` options (IPython
+``magic_arguments``) and the help they print (the ``%chat`` commands, read off the magic's
+``_cmd_*`` docstrings, and the cell grammar), shell-style splitting of a line, the settings a cell's
+options set, the notebook variables options name (``--schema VAR``, ``--tools F``) resolved to a
+``response_format`` and to a tool, and the chat completion request built from settings (validated
+before any model loads). Every mistake is a one-line ``UsageError`` naming the option. Nothing here
+loads a model, streams, runs a tool or keeps state.
 """
 
 from __future__ import annotations
