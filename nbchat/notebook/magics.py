@@ -5,11 +5,11 @@ traits tagged ``config=True`` (so ``%config ChatMagics.temperature = 0.2`` and `
 work), overridden per conversation by ``%chat set`` and per cell by options. Every error a user can
 cause is shown as one ``UsageError`` line and leaves the conversation unchanged.
 
-This module is the IPython-facing part: the traits, the magic, the kernel's conversations and the
-``%chat`` commands. It must not hold what the other notebook modules do: the options, their help and
-the request (``options.py``), the tools and the exchange loop (``tool_loop.py``), reading a stream
-and the result type (``reply.py``), loading engines (``engines.py``), the cell grammar (``cells.py``)
-or drawing output (``render.py``).
+This module is the IPython-facing part: the magic, the kernel's conversations and the ``%chat``
+commands. It must not hold what the other notebook modules do: the settings (``settings.py``), the
+options, their help and the request (``options.py``), the tools and the exchange loop
+(``tool_loop.py``), reading a stream and the result type (``reply.py``), loading engines
+(``engines.py``), the cell grammar (``cells.py``) or drawing output (``render.py``).
 """
 
 from __future__ import annotations
@@ -34,10 +34,7 @@ from nbchat.notebook.engines import (
     shared_engine,
 )
 from nbchat.notebook.options import (
-    REQUEST_SETTINGS,
-    SETTINGS,
     TOOL_CHOICE_MODES,
-    ChatSettings,
     build_request,
     cell_arguments,
     cell_options,
@@ -45,16 +42,15 @@ from nbchat.notebook.options import (
     check_variable_name,
     commands_of,
     help_epilog,
-    parse_set_words,
     pop_conversation_option,
     pydantic_model_class,
     set_help_epilog,
     split_names,
     split_words,
-    suggest,
 )
 from nbchat.notebook.render import ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, structured_value
+from nbchat.notebook.settings import REQUEST_SETTINGS, SETTINGS, ChatSettings, parse_set_words, suggest
 
 __all__ = [
     "DEFAULT_CONVERSATION",

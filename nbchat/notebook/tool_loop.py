@@ -21,15 +21,10 @@ from IPython.core.error import UsageError
 
 from nbchat.conversation import Conversation
 from nbchat.errors import NbchatError
-from nbchat.notebook.options import (
-    REQUEST_SETTINGS,
-    build_request,
-    check_request,
-    suggest,
-    tool_from_namespace,
-)
+from nbchat.notebook.options import build_request, check_request, tool_from_namespace
 from nbchat.notebook.render import NOT_RUN_PREFIX, ReplyView, ToolCallView, parse_json, warn
 from nbchat.notebook.reply import Exchange, StreamOutcome, add_usage, stream_reply
+from nbchat.notebook.settings import REQUEST_SETTINGS, suggest
 from nbchat.tools import Tool, ToolRegistry
 
 # %chat tools ACTION: what it reports having done.
