@@ -40,6 +40,7 @@ from nbchat.notebook.options import (
     cell_options,
     check_request,
     check_variable_name,
+    commands_help,
     commands_of,
     help_epilog,
     pop_conversation_option,
@@ -53,6 +54,7 @@ from nbchat.notebook.reply import ChatReply, structured_value
 from nbchat.notebook.settings import REQUEST_SETTINGS, SETTINGS, ChatSettings, parse_set_words, suggest
 
 __all__ = [
+    "COMMANDS_HELP",
     "DEFAULT_CONVERSATION",
     "HELP_EPILOG",
     "REQUEST_SETTINGS",
@@ -511,6 +513,7 @@ class ChatMagics(Magics, ChatSettings):
 
 # The commands and the help are read off the class: each _cmd_NAME method with a docstring.
 ChatMagics.COMMANDS = tuple(commands_of(ChatMagics))
+COMMANDS_HELP = commands_help(commands_of(ChatMagics))
 HELP_EPILOG = help_epilog(commands_of(ChatMagics))
 set_help_epilog(ChatMagics.chat, HELP_EPILOG)
 

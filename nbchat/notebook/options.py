@@ -76,16 +76,21 @@ def commands_of(magics: type) -> dict[str, tuple[str, str]]:
     return commands
 
 
-def help_epilog(commands: dict[str, tuple[str, str]]) -> str:
-    """The text after the options in ``%chat help``: the commands, the settings and the cell grammar."""
+def commands_help(commands: dict[str, tuple[str, str]]) -> str:
+    """The ``%chat`` commands' help lines (``  NAME ARGUMENTS  description``), under a title."""
     lines = ["%chat commands (each acts on the current conversation; add -c NAME to pick another):"]
     for name, (arguments, description) in commands.items():
         usage = f"{name} {arguments}".strip()
         lines.append(f"  {usage:<23} {description}")
+    return "\n".join(lines)
+
+
+def help_epilog(commands: dict[str, tuple[str, str]]) -> str:
+    """The text after the options in ``%chat help``: the commands, the settings and the cell grammar."""
     general = _GENERAL_HELP.format(setting_keys=", ".join(SET_KEYS))
     general = "\n".join(textwrap.fill(line, width=100) if line.startswith("Settings resolve") else line
                         for line in general.split("\n"))
-    return "\n".join(lines) + "\n\n" + general + "\n" + _cell_grammar_help()
+    return commands_help(commands) + "\n\n" + general + "\n" + _cell_grammar_help()
 
 
 def _cell_grammar_help() -> str:
