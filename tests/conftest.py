@@ -53,3 +53,12 @@ def structural_ids(backend) -> np.ndarray:
     texts = backend.decode_batch([[i] for i in range(backend.get_vocab_size())])
     ids = [i for i, t in enumerate(texts) if any(c in t for c in '"}],')]
     return np.array(sorted(set(ids) | {2}))
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir):
+    """A real `nbchat serve` of the tiny model on a free loopback port, with an API key (tests/serving.py)."""
+    from tests.serving import running_server
+
+    with running_server(str(tiny_model_dir), api_key="sk-nbchat-test-0123456789") as server:
+        yield server

@@ -27,8 +27,20 @@ class ChatSettings(Configurable):
     ``request`` is sent as the chat completion request field of its name."""
 
     model = Unicode(
-        DEFAULT_MODEL, help="Model for new chats: a registry name, a .gguf path or a model directory."
+        DEFAULT_MODEL,
+        help="Model for new chats: a registry name, a .gguf path, a model directory, or an OpenAI-compatible "
+        "endpoint's URL (http://host:8000/v1, or NAME@URL for one of its models).",
     ).tag(config=True, setting=True)
+    base_url = Unicode(
+        None, allow_none=True,
+        help="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) that serves every chat whose model is "
+        "not itself a URL: the default model means the endpoint's first, NAME means NAME there.",
+    ).tag(config=True)
+    api_key = Unicode(
+        None, allow_none=True,
+        help="API key for remote endpoints; None: $NBCHAT_API_KEY, else $OPENAI_API_KEY. Never saved "
+        "with a conversation, shown masked.",
+    ).tag(config=True)
     dtype = Unicode(
         None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
     ).tag(config=True)
