@@ -242,7 +242,7 @@ class Engine:
                     from nbchat.models import load
 
                     loaded = load(self.model, dtype=self.dtype)
-                    self._generator = Generator(loaded.config, loaded.params)
+                    self._generator = Generator(loaded.config, loaded.decoder)
                     self._token_bytes = TokenBytes(loaded.tokenizer.backend_tokenizer)
                     self._loaded = loaded
         return self._loaded

@@ -123,23 +123,33 @@ def resized(cache: KVCache, capacity: int) -> KVCache:
 
 
 def write_keys(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new keys of one layer at slots [start, start + T): buffer [B, Hkv, hd, C], new
-    [B, Hkv, T, hd]. See ``_write``."""
+    """Store T new keys of one layer, row b's at slots [start[b], start[b] + T): buffer
+    [B, Hkv, hd, C], new [B, Hkv, T, hd], start int [B] (or [] for every row). See ``_write``."""
     return _write(buffer, new.swapaxes(2, 3), start, KEY_SLOT_AXIS)
 
 
 def write_values(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new values of one layer at slots [start, start + T): buffer [B, Hkv, C, hd], new
-    [B, Hkv, T, hd]. See ``_write``."""
+    """Store T new values of one layer, row b's at slots [start[b], start[b] + T): buffer
+    [B, Hkv, C, hd], new [B, Hkv, T, hd], start int [B] (or []). See ``_write``."""
     return _write(buffer, new, start, VALUE_SLOT_AXIS)
 
 
 def _write(buffer: jax.Array, new: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
-    """In place on a donated buffer. The caller guarantees start + T <= C: dynamic_update_slice
-    would otherwise clamp the start and silently write the wrong slots."""
-    index = [jnp.zeros((), jnp.int32)] * buffer.ndim
-    index[slot_axis] = start.astype(jnp.int32)
-    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), tuple(index))
+    """In place on a donated buffer: one dynamic_update_slice, or one per row (B is static) for
+    per-row starts. The caller guarantees start[b] + T <= C: dynamic_update_slice would otherwise
+    clamp the start and silently write the wrong slots."""
+    start = jnp.asarray(start, jnp.int32)
+    new = new.astype(buffer.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    if start.ndim == 0:  # every row alike: one update
+        index = [zero] * buffer.ndim
+        index[slot_axis] = start
+        return jax.lax.dynamic_update_slice(buffer, new, tuple(index))
+    for row in range(buffer.shape[0]):
+        index = [zero] * buffer.ndim
+        index[0], index[slot_axis] = jnp.int32(row), start[row]
+        buffer = jax.lax.dynamic_update_slice(buffer, new[row : row + 1], tuple(index))
+    return buffer
 
 
 def common_prefix_length(cached_ids: Sequence[int], prompt_ids: Sequence[int]) -> int:

@@ -23,9 +23,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from nbchat.engine import cache as kv_cache
-from nbchat.engine import jax_setup, model, sampling
+from nbchat.engine import backend, jax_setup, model, sampling
 from nbchat.engine.config import ModelConfig
 from nbchat.engine.sampling import SamplingParams
 from nbchat.errors import ContextLengthError, InvalidRequestError
@@ -89,34 +90,36 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config: ModelConfig) -> Callable:
-    """The one jitted program behind prefill and decode, shared by every Generator of a config.
+def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
+    """The one jitted program behind prefill and decode, shared by every Generator of a config and
+    decoder structure (the ``nnx.split`` graphdef: modules and weight formats, closed over as static).
 
-    ``(params, cache, token_ids [B, T] int32, cache_len [] int32, n_real [] int32, state, settings,
-    allowed_bits [B, ceil(V / 32)] int32) -> (cache, state, Sample)``: run T tokens through the model
-    at slots [cache_len, cache_len + T), then sample from the logits of token ``n_real - 1``.
-    Compiled once per (T, cache capacity); the cache is donated so XLA updates it in place.
+    ``(state, cache, token_ids [B, T] int32, cache_len [] int32, n_real [] int32, sampler state,
+    settings, allowed_bits [B, ceil(V / 32)] int32) -> (cache, sampler state, Sample)``: run T tokens
+    through the model at slots [cache_len, cache_len + T), then sample from the logits of token
+    ``n_real - 1``. Compiled once per (T, cache capacity); the cache is donated so XLA updates it in
+    place.
     """
 
-    def run(params, cache, token_ids, cache_len, n_real, state, settings, allowed_bits):
+    def run(state, cache, token_ids, cache_len, n_real, sampler_state, settings, allowed_bits):
         B, T = token_ids.shape
         positions = cache_len + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         logits_at = jnp.full((B,), n_real - 1, jnp.int32)
-        logits, cache = model.forward(params, config, token_ids, positions, cache, cache_len, logits_at)
-        result, state = sampling.sample(logits, state, settings, allowed_bits)
-        return cache, state, result
+        logits, cache = model.forward(graphdef, state, token_ids, positions, cache, cache_len, logits_at)
+        result, sampler_state = sampling.sample(logits, sampler_state, settings, allowed_bits)
+        return cache, sampler_state, result
 
-    return jax.jit(run, donate_argnums=1, compiler_options=model.compiler_options())
+    return jax.jit(run, donate_argnums=1, compiler_options=backend.compiler_options())
 
 
 class Generator:
     """Owns the jitted programs and the KV cache of one loaded model; one generation at a time."""
 
-    def __init__(self, config: ModelConfig, params: dict):
+    def __init__(self, config: ModelConfig, decoder: model.Decoder):
         jax_setup.enable_persistent_compilation_cache()
         self._config = config
-        self._params = model.unstack_layers(params)
-        self._program = step_program(config)
+        graphdef, self._state = nnx.split(decoder)  # once: the hot path is a plain jit over the state
+        self._program = step_program(config, graphdef)
         self._mask_words = -(-config.vocab_size // 32)
         self._all_allowed = jnp.full((1, self._mask_words), -1, jnp.int32)
         self._no_bias = jnp.zeros((1, config.vocab_size), jnp.float32)
@@ -274,7 +277,7 @@ class Generator:
             bits = self._allowed_bits(constraint) if last else self._all_allowed
             cache = kv_cache.resized(self._take_cache(), capacity)
             cache, state, result = self._program(
-                self._params, cache, tokens, np.int32(start), np.int32(real), initial_state, settings, bits
+                self._state, cache, tokens, np.int32(start), np.int32(real), initial_state, settings, bits
             )
             in_cache = prompt[: start + real]
             self._keep_cache(cache, in_cache)
@@ -323,7 +326,7 @@ class Generator:
             self._keep_cache(kv_cache.resized(self._take_cache(), capacity), in_cache)
         cache = self._take_cache()
         cache, state, next_result = self._program(
-            self._params,
+            self._state,
             cache,
             result.token_ids[:, None],
             np.int32(position),
