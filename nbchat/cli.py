@@ -1,4 +1,5 @@
-"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, ``run`` a notebook.
+"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, ``run`` a notebook,
+``serve`` the OpenAI-compatible HTTP API, ``install-kernel`` (the chat kernel's kernelspec).
 
 A thin client of nbchat.models and nbchat.api, like every other surface.
 """
@@ -6,6 +7,7 @@ A thin client of nbchat.models and nbchat.api, like every other surface.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections.abc import Iterable
@@ -33,6 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_parser.add_argument("notebook", help="path of the .ipynb file")
 
+    serve_parser = commands.add_parser("serve", help="serve the model over OpenAI's HTTP API")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help="registry name, .gguf, directory")
+    serve_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve_parser.add_argument(
+        "--api-key", default=None, help="require this key (Authorization: Bearer KEY); or $NBCHAT_API_KEY"
+    )
+    serve_parser.add_argument("--access-log", action="store_true", help="uvicorn's access log too")
+
+    kernel_parser = commands.add_parser(
+        "install-kernel", help="install the chat kernel's kernelspec (optionally bound to a model)"
+    )
+    where = kernel_parser.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="into your Jupyter data directory")
+    where.add_argument("--sys-prefix", action="store_true", help=f"into this environment ({sys.prefix})")
+    where.add_argument("--prefix", help="into PREFIX/share/jupyter/kernels")
+    kernel_parser.add_argument("--name", default="nbchat", help="kernelspec name (default: nbchat)")
+    kernel_parser.add_argument("--display-name", help="name shown in the launcher")
+    kernel_parser.add_argument(
+        "--model", help="the kernel's default model: a registry name, a .gguf path, an HF repo id or a URL"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "pull":
@@ -42,10 +67,24 @@ def main(argv: list[str] | None = None) -> int:
             print_info()
         elif args.command == "chat":
             run_chat(args)
+        elif args.command == "install-kernel":
+            from nbchat.notebook.kernelspec import install
+
+            prefix = sys.prefix if args.sys_prefix else args.prefix
+            target = install(
+                name=args.name,
+                model=args.model,
+                display_name=args.display_name,
+                user=args.user,
+                prefix=prefix,
+            )
+            print(f"Installed kernelspec {args.name!r} in {target}")
         elif args.command == "run":
             from nbchat.notebook.run import run
 
             return run(args.notebook)
+        elif args.command == "serve":
+            return run_serve(args)
     except NbchatError as error:
         print(f"nbchat: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
@@ -143,6 +182,23 @@ def run_chat(args: argparse.Namespace) -> None:
             yield line
 
     _converse(engine, prompts(), args, messages)
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from nbchat.server import serve
+
+    api_key = args.api_key or os.environ.get("NBCHAT_API_KEY") or None
+    if args.host not in _LOOPBACK_HOSTS and api_key is None:
+        print(
+            f"nbchat serve: warning: binding {args.host} with no API key: anyone who can reach this machine "
+            "can use the model. Pass --api-key KEY or set NBCHAT_API_KEY.",
+            file=sys.stderr,
+        )
+    return serve(args.model, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype,
+                 access_log=args.access_log)
 
 
 if __name__ == "__main__":

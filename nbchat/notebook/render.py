@@ -47,6 +47,10 @@ def supports_live_updates(shell: Any) -> bool:
     """Whether the shell's front end can redraw a display in place (a notebook can, a terminal cannot)."""
     if shell is None:
         return False
+    # A shell that knows its front end says so (the chat kernel: a console cannot redraw, a notebook can).
+    live = getattr(shell, "live_updates", None)
+    if live is not None:
+        return bool(live)
     return not any(cls.__name__ == "TerminalInteractiveShell" for cls in type(shell).__mro__)
 
 
@@ -271,6 +275,8 @@ class ReplyView:
         self.redraws = 0
         self.handle: DisplayHandle | None = None
         self.metadata: dict[str, Any] = {}
+        self.final_bundle: Bundle | None = None
+        self.final_metadata: dict[str, Any] = {}
         self._last_redraw = float("-inf")
         self._written = 0
 
@@ -338,7 +344,8 @@ class ReplyView:
     ) -> None:
         if self.live:
             bundle = self._bundle(final=True, interrupted=interrupted, truncated=truncated)
-            self._redraw(bundle, {**self.metadata, **(metadata or {})})
+            self.final_bundle, self.final_metadata = bundle, {**self.metadata, **(metadata or {})}
+            self._redraw(bundle, self.final_metadata)
             return
         # Terminal: write what has not been written yet (all of it when not streaming), then end the line.
         self._stdout.write(self.text[self._written :])
@@ -347,6 +354,15 @@ class ReplyView:
             self._stdout.write(f" {INTERRUPTED_TEXT}" if self.text else INTERRUPTED_TEXT)
         self._stdout.write("\n")
         self._stdout.flush()
+
+    def add_to_final(self, extra: Bundle) -> None:
+        """Redraw the finished reply with more representations (a teaching view's ``text/html``),
+        which front ends prefer to its Markdown. A terminal shows nothing more."""
+        if self.live and self.final_bundle is not None:
+            self._redraw(
+                {**extra, **{k: v for k, v in self.final_bundle.items() if k not in extra}},
+                self.final_metadata,
+            )
 
     def discard(self) -> None:
         """Blank the placeholder of a reply that never came (the request failed)."""
