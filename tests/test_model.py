@@ -182,7 +182,8 @@ def test_every_layer_holds_its_own_parameter_buffers():
         if config.attention_bias:
             per_layer |= {"attn.q.bias": (q_out,), "attn.k.bias": (kv_out,), "attn.v.bias": (kv_out,)}
         expected = {"embed.weight": (V, D), "final_norm.weight": (D,)}
-        expected |= {f"layers.{i}.{name}": shape for i in range(config.num_layers) for name, shape in per_layer.items()}
+        for i in range(config.num_layers):
+            expected |= {f"layers.{i}.{name}": shape for name, shape in per_layer.items()}
         if not config.tie_word_embeddings:
             expected["lm_head.weight"] = (V, D)
         assert shapes == expected

@@ -201,7 +201,8 @@ def _assemble(
             else:
                 value = np.asarray(read_float(_dotted(path))).astype(target, copy=False)
             if value.shape != variable.shape or value.dtype != variable.dtype:
-                raise AssertionError(f"{_dotted(path)}: read {value.shape} {value.dtype}, expected {variable}")
+                read_as = f"{value.shape} {value.dtype}"
+                raise AssertionError(f"{_dotted(path)}: read {read_as}, expected {variable}")
             filled.append((path, variable.replace(jax.device_put(value))))
             bar.update()
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
