@@ -21,9 +21,10 @@ from IPython.core.error import UsageError
 
 from nbchat.conversation import Conversation
 from nbchat.errors import NbchatError
-from nbchat.notebook.options import REQUEST_SETTINGS, build_request, suggest, tool_from_namespace
+from nbchat.notebook.options import build_request, check_request, tool_from_namespace
 from nbchat.notebook.render import NOT_RUN_PREFIX, ReplyView, ToolCallView, parse_json, warn
 from nbchat.notebook.reply import Exchange, StreamOutcome, add_usage, stream_reply
+from nbchat.notebook.settings import REQUEST_SETTINGS, suggest
 from nbchat.tools import Tool, ToolRegistry
 
 # %chat tools ACTION: what it reports having done.
@@ -102,13 +103,10 @@ def _after_first_step(choice: Any) -> Any:
 def first_request(
     messages: list[dict[str, Any]], settings: Mapping[str, Any], registry: ToolRegistry
 ) -> dict[str, Any]:
-    """The exchange's first request, offering ``registry``'s tools. The tool_choice later steps use is
-    checked too, so both fail here, before the model loads."""
+    """The exchange's first request, offering ``registry``'s tools, checked before the model loads
+    (the later steps' tool_choice, auto, is valid whenever the first one is)."""
     tools, tool_choice = registry.schemas() or None, settings.get("tool_choice")
-    request = build_request(messages, settings, tools=tools, tool_choice=tool_choice)
-    if tools and tool_choice != _after_first_step(tool_choice):
-        build_request(messages, settings, tools=tools, tool_choice=_after_first_step(tool_choice))
-    return request
+    return check_request(build_request(messages, settings, tools=tools, tool_choice=tool_choice))
 
 
 def run_exchange(
@@ -172,16 +170,12 @@ def run_exchange(
         if not go_on:
             break
         exchange.steps += 1
-        try:
-            request = build_request(
-                messages + exchange.reply,
-                settings,
-                tools=tools,
-                tool_choice=_after_first_step(settings.get("tool_choice")),
-            )
-        except UsageError as error:
-            warn(f"the exchange stopped after {exchange.steps} tool step(s): {error}")
-            break
+        request = build_request(
+            messages + exchange.reply,
+            settings,
+            tools=tools,
+            tool_choice=_after_first_step(settings.get("tool_choice")),
+        )
     last = exchange.last
     metadata.update(finish_reason=last.finish_reason, usage=exchange.usage, interrupted=last.interrupted)
     if tools:
