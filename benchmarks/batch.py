@@ -73,11 +73,13 @@ def step_times(config, params, sizes: list[int], capacity: int, repeats: int = 2
     import numpy as np
 
     from nbchat.engine import cache as kv_cache
-    from nbchat.engine import model, sampling
+    from flax import nnx
+
+    from nbchat.engine import sampling
     from nbchat.engine.generate import step_program
 
-    params = model.unstack_layers(params)
-    program = step_program(config)
+    graphdef, params = nnx.split(params)  # the loaded Decoder, split as the Generator does
+    program = step_program(config, graphdef)
     vocab = config.vocab_size
     top = sampling.MAX_TOP_LOGPROBS
     timings = {}

@@ -72,9 +72,9 @@ def nbchat_worker(model_path: str, dtype: str, pack: bool, new_tokens: int, repe
     from nbchat.tokenizer import load_tokenizer
 
     started = time.perf_counter()
-    config, params = load_gguf(model_path, dtype, progress=False, pack=pack)
+    config, decoder = load_gguf(model_path, dtype, progress=False, pack=pack)
     load_seconds = time.perf_counter() - started
-    generator = Generator(config, params)
+    generator = Generator(config, decoder)
     greedy = SamplingParams(temperature=0.0)
     result: dict = {"engine": engine_label(pack), "dtype": dtype, "load_s": load_seconds, "prompts": {}}
 
@@ -161,15 +161,16 @@ def compile_worker(model_path: str, dtype: str, pack: bool) -> dict:
     """Lower and compile the prefill (the 80-token prompt's bucket) and decode programs."""
     import jax
     import numpy as np
+    from flax import nnx
 
     from nbchat.engine import cache as kv_cache
-    from nbchat.engine import jax_setup, model, sampling
+    from nbchat.engine import jax_setup, sampling
     from nbchat.engine.generate import DECODE_RESERVE, plan_prefill, step_program
     from nbchat.engine.weights import load_gguf
 
     jax_setup.enable_persistent_compilation_cache()
-    config, params = load_gguf(model_path, dtype, progress=False, pack=pack)
-    params = model.unstack_layers(params)
+    config, decoder = load_gguf(model_path, dtype, progress=False, pack=pack)
+    graphdef, params = nnx.split(decoder)
     capacity = kv_cache.capacity_for(PROMPT_LENGTHS[0] + DECODE_RESERVE, config.context_length)
     cache = kv_cache.empty_cache(config, 1, capacity)
     state = sampling.initial_state([[1]], config.vocab_size, 0)
@@ -178,7 +179,7 @@ def compile_worker(model_path: str, dtype: str, pack: bool) -> dict:
     top = sampling.MAX_TOP_LOGPROBS
     sample = sampling.Sample(np.zeros(1, np.int32), np.zeros(1, np.float32), np.zeros((1, top), np.int32),
                              np.zeros((1, top), np.float32))
-    program = step_program(config)
+    program = step_program(config, graphdef)
     ((_, padded, _),) = plan_prefill(0, PROMPT_LENGTHS[0], config.context_length)
     timings = {}
     for name, length in (("prefill", padded), ("decode", 1)):

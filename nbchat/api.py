@@ -129,7 +129,7 @@ class Engine:
                     from nbchat.models import load
 
                     loaded = load(self.model, dtype=self.dtype)
-                    self._generator = Generator(loaded.config, loaded.params)
+                    self._generator = Generator(loaded.config, loaded.decoder)
                     self._token_bytes = TokenBytes(loaded.tokenizer.backend_tokenizer)
                     self._loaded = loaded
         return self._loaded
@@ -402,7 +402,7 @@ class Engine:
                                         **self._with_defaults(dict(row))})
             rows.append(self._sampling(request, 0))
         loaded = self._ensure_loaded()
-        result = next_token_logprobs(loaded.params, loaded.config, prompt_ids, rows,
+        result = next_token_logprobs(loaded.decoder, loaded.config, prompt_ids, rows,
                                      generated=len(reply_ids) if not reply_text else 0)
         order = [int(token) for token in result.raw.argsort()[::-1][:top]]
 

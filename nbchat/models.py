@@ -17,17 +17,18 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
+from nbchat.engine.config import DTYPES
 from nbchat.errors import InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
     from nbchat.engine.config import ModelConfig
+    from nbchat.engine.model import Decoder
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class LoadedModel:
     name: str
     source: ModelSource
     config: ModelConfig
-    params: dict[str, Any]
+    decoder: Decoder
     tokenizer: PreTrainedTokenizerFast
     stop_ids: frozenset[int]
     dtype: str
@@ -139,17 +140,17 @@ def load(model: str = DEFAULT_MODEL, *, dtype: str = "float32", progress: bool =
 
     source = resolve(model, progress=progress)
     if source.kind == "gguf":
-        config, params = weights.load_gguf(source.path, dtype=dtype, progress=progress)
+        config, decoder = weights.load_gguf(source.path, dtype=dtype, progress=progress)
         model_dir = None
     else:
-        config, params = weights.load_safetensors_dir(source.path, dtype=dtype, progress=progress)
+        config, decoder = weights.load_safetensors_dir(source.path, dtype=dtype, progress=progress)
         model_dir = source.path
     tokenizer = load_tokenizer(source.path)
     return LoadedModel(
         name=source.name,
         source=source,
         config=config,
-        params=params,
+        decoder=decoder,
         tokenizer=tokenizer,
         stop_ids=stop_token_ids(tokenizer, model_dir),
         dtype=dtype,

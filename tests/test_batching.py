@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from nbchat.engine import generate as generate_module
 from nbchat.engine import model
@@ -22,7 +23,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_random_params(TINY, seed=0)
+    return model.Decoder(TINY, rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,13 @@ def test_sampling_logprobs_is_the_distribution_sample_draws_from(params):
 
 def test_next_token_logprobs_match_the_generators_and_its_draw(tiny_model):
     prompt = tiny_model.tokenizer("Hello! How are you today?")["input_ids"]
-    generator = Generator(tiny_model.config, tiny_model.params)
+    generator = Generator(tiny_model.config, tiny_model.decoder)
     greedy = next(
         generator.generate(prompt, SamplingParams(temperature=0.0, top_logprobs=20), max_new_tokens=1)
     )
     seeded = next(generator.generate(prompt, SamplingParams(temperature=1.0, seed=7), max_new_tokens=1))
     rows = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=7)]
-    result = next_token_logprobs(tiny_model.params, tiny_model.config, prompt, rows)
+    result = next_token_logprobs(tiny_model.decoder, tiny_model.config, prompt, rows)
     top = np.argsort(result.raw)[::-1][:20]
     assert [int(token) for token in top] == [token for token, _ in greedy.top_logprobs]
     assert result.raw[top] == pytest.approx([logprob for _, logprob in greedy.top_logprobs], abs=1e-4)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from nbchat.engine import model
 from nbchat.engine.generate import Generator, SamplingParams, TokenEvent, plan_prefill, step_program
@@ -19,12 +20,12 @@ from nbchat.errors import InvalidRequestError
 from tests.tiny_model import TINY_ENGINE_CONFIG as TINY
 
 GREEDY = SamplingParams(temperature=0.0)
-full_forward = jax.jit(model.forward, static_argnums=1)
+full_forward = jax.jit(model.forward, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_random_params(TINY, seed=0)
+    return model.Decoder(TINY, rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def reference_log_probs(params, prompt_ids: list[int], generated: list[int]) -> 
     """Teacher forcing: log_softmax of the full (cache-free) forward at the positions that
     predicted each generated token -> [len(generated), V]."""
     sequence = np.array([prompt_ids + generated], np.int32)
-    logits, _ = full_forward(params, TINY, sequence, np.arange(sequence.shape[1], dtype=np.int32)[None])
+    logits, _ = full_forward(*nnx.split(params), sequence, np.arange(sequence.shape[1], dtype=np.int32)[None])
     predicting = np.asarray(logits[0, len(prompt_ids) - 1 : -1])
     return np.asarray(jax.nn.log_softmax(jnp.asarray(predicting), axis=-1))
 
@@ -160,10 +161,11 @@ def test_same_seed_same_tokens_other_seed_other_tokens(generator):
     assert len(run(None)) == 20
 
 
-def test_changing_sampling_settings_never_recompiles(generator):
+def test_changing_sampling_settings_never_recompiles(generator, params):
     prompt_ids = prompt(20)
     list(generator.generate(prompt_ids, SamplingParams(), max_new_tokens=3))
-    compiled = step_program(TINY)._cache_size()
+    program = step_program(TINY, nnx.graphdef(params))
+    compiled = program._cache_size()
     variants = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.3, top_p=0.8, top_k=10, min_p=0.1, seed=1),
@@ -173,7 +175,7 @@ def test_changing_sampling_settings_never_recompiles(generator):
     for settings in variants:
         events = list(generator.generate(prompt_ids, settings, max_new_tokens=3))
         assert len(events) == 3 and len(events[0].top_logprobs) == settings.top_logprobs
-    assert step_program(TINY)._cache_size() == compiled
+    assert program._cache_size() == compiled
 
 
 def test_logit_bias_forces_a_token(generator):
@@ -318,11 +320,12 @@ def test_a_second_generation_of_the_same_shapes_compiles_nothing(params):
     config = dataclasses.replace(TINY, context_length=1000)  # a config of its own: fresh programs
     engine = Generator(config, params)
     list(engine.generate(prompt(20, seed=15), GREEDY, max_new_tokens=3))
-    compiled = step_program(config)._cache_size()
+    program = step_program(config, nnx.graphdef(params))
+    compiled = program._cache_size()
     assert compiled == 2  # one prefill bucket, one decode step (a single sequence runs at batch 1)
     list(engine.generate(prompt(20, seed=16), GREEDY, max_new_tokens=3))  # no reuse: a fresh prefill
     assert engine.last_reused_tokens == 0
-    assert step_program(config)._cache_size() == compiled
+    assert program._cache_size() == compiled
 
 
 def test_the_generator_turns_on_the_persistent_compilation_cache_keyed_per_machine(generator, monkeypatch):

@@ -1,5 +1,5 @@
 """The decoder and the KV cache on tiny random-weight models: cached prefill + decode reproduce the
-full-sequence forward, whatever the cache capacity, the parameter layout or the storage dtype."""
+full-sequence forward, whatever the cache capacity, the rows' cache lengths or the storage dtype."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from nbchat.engine import backend, model
 from nbchat.engine import cache as kv_cache
-from nbchat.engine import model
 from nbchat.engine.config import Llama3RopeScaling, ModelConfig
 from tests.tiny_model import TINY_ENGINE_CONFIG as TINY
 
@@ -35,10 +36,15 @@ TINY_VARIANT = ModelConfig(
     tie_word_embeddings=False,
 )
 
-forward = jax.jit(model.forward, static_argnums=1, compiler_options=model.compiler_options())
+forward = jax.jit(model.forward, static_argnums=0, compiler_options=backend.compiler_options())
 cached_forward = jax.jit(
-    model.forward, static_argnums=1, donate_argnums=4, compiler_options=model.compiler_options()
+    model.forward, static_argnums=0, donate_argnums=4, compiler_options=backend.compiler_options()
 )
+
+
+def random_decoder(config: ModelConfig, seed: int, dtype: str = "float32") -> tuple:
+    """(graphdef, state) of a random decoder, split once as the engine does."""
+    return nnx.split(model.Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed)))
 
 
 def prompt_tokens(n: int, seed: int = 1) -> np.ndarray:
@@ -57,16 +63,14 @@ def prefill_then_decode(params, config, tokens, n_prefill, capacity, grow_to=Non
     padded[0, :n_prefill] = tokens[0, :n_prefill]
     cache = kv_cache.empty_cache(config, 1, capacity)
     logits, cache = cached_forward(
-        params, config, padded, positions(0, 32), cache, np.zeros(1, np.int32),
-        np.array([n_prefill - 1], np.int32),
+        *params, padded, positions(0, 32), cache, np.int32(0), np.array([n_prefill - 1], np.int32)
     )
     rows = [np.asarray(logits[0])]
     for t in range(n_prefill, T):
         if grow_to is not None and t == (n_prefill + T) // 2:
             cache = kv_cache.resized(cache, grow_to)
         logits, cache = cached_forward(
-            params, config, tokens[:, t : t + 1], positions(t, 1), cache, np.array([t], np.int32),
-            np.zeros(1, np.int32),
+            *params, tokens[:, t : t + 1], positions(t, 1), cache, np.int32(t), np.zeros(1, np.int32)
         )
         rows.append(np.asarray(logits[0]))
     return np.stack(rows)
@@ -74,7 +78,7 @@ def prefill_then_decode(params, config, tokens, n_prefill, capacity, grow_to=Non
 
 @pytest.fixture(scope="module")
 def params():
-    return model.unstack_layers(model.init_random_params(TINY, seed=0))
+    return random_decoder(TINY, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def tokens():
 
 @pytest.fixture(scope="module")
 def full_logits(params, tokens):
-    logits, cache = forward(params, TINY, tokens, positions(0, tokens.shape[1]))
+    logits, cache = forward(*params, tokens, positions(0, tokens.shape[1]))
     assert cache is None
     return np.asarray(logits[0])  # [T, V]
 
@@ -100,78 +104,89 @@ def test_growing_the_cache_midway_changes_nothing(params, tokens, full_logits):
     np.testing.assert_allclose(stepped, full_logits[9:], atol=1e-4, rtol=1e-4)
 
 
-def test_rows_of_a_batch_write_and_attend_at_their_own_cache_lengths(params):
-    # Two sequences of different lengths share one cache: each row's prefill and next token match
-    # that sequence's own full forward.
-    first, second = prompt_tokens(11, seed=2)[0], prompt_tokens(18, seed=3)[0]
-    padded = np.zeros((2, 32), np.int32)
-    padded[0, :10], padded[1, :17] = first[:10], second[:17]
-    cache = kv_cache.empty_cache(TINY, 2, 256)
-    lengths = np.array([10, 17], np.int32)
-    _, cache = cached_forward(params, TINY, padded, np.tile(positions(0, 32), (2, 1)), cache,
-                              np.zeros(2, np.int32), lengths - 1)
-    step = np.array([[first[10]], [second[17]]], np.int32)
-    logits, _ = cached_forward(params, TINY, step, lengths[:, None], cache, lengths, np.zeros(2, np.int32))
-    for row, sequence in enumerate((first, second)):
-        expected, _ = forward(params, TINY, sequence[None], positions(0, len(sequence)))
-        np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(expected[0, -1]), atol=1e-4, rtol=1e-4)
-
-
 def test_logits_at_picks_one_position_per_row(params, tokens, full_logits):
-    logits, _ = forward(
-        params, TINY, tokens, positions(0, tokens.shape[1]), None, None, np.array([5], np.int32)
-    )
+    logits, _ = forward(*params, tokens, positions(0, tokens.shape[1]), None, None, np.array([5], np.int32))
     np.testing.assert_allclose(np.asarray(logits[0]), full_logits[5], atol=1e-5)
 
 
-def test_stacked_and_per_layer_params_give_the_same_logits(tokens, full_logits):
-    stacked = model.init_random_params(TINY, seed=0)
-    logits, _ = forward(stacked, TINY, tokens, positions(0, tokens.shape[1]))
-    np.testing.assert_allclose(np.asarray(logits[0]), full_logits, atol=1e-5)
+def test_rows_with_their_own_cache_lengths_match_each_row_decoded_alone(params):
+    # Two sequences in one batch, at different lengths: each row writes its new k/v at its own
+    # cache_len and attends to its own slots only, so its logits are those of the row run alone.
+    lengths = (10, 17)
+    rows = [prompt_tokens(24, seed=seed) for seed in (5, 6)]
+    alone = [
+        prefill_then_decode(params, TINY, row[:, : n + 3], n_prefill=n, capacity=256)
+        for row, n in zip(rows, lengths, strict=True)
+    ]
+    cache = kv_cache.empty_cache(TINY, 2, 256)
+    padded = np.zeros((2, 32), np.int32)
+    for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        padded[b, :n] = row[0, :n]
+    logits_at = np.array([n - 1 for n in lengths], np.int32)
+    logits, cache = cached_forward(
+        *params, padded, np.broadcast_to(positions(0, 32), (2, 32)), cache, np.zeros(2, np.int32), logits_at
+    )
+    together = [[np.asarray(logits[b])] for b in range(2)]
+    for step in range(3):
+        cache_len = np.array(lengths, np.int32) + step
+        next_tokens = np.array([[row[0, n + step]] for row, n in zip(rows, lengths, strict=True)], np.int32)
+        logits, cache = cached_forward(
+            *params, next_tokens, cache_len[:, None], cache, cache_len, np.zeros(2, np.int32)
+        )
+        for b in range(2):
+            together[b].append(np.asarray(logits[b]))
+    for b in range(2):
+        np.testing.assert_allclose(np.stack(together[b]), alone[b], atol=1e-4, rtol=1e-4)
 
 
 def test_biases_separate_head_and_llama3_rope_also_match_the_full_forward():
-    params = model.unstack_layers(model.init_random_params(TINY_VARIANT, seed=3))
-    assert "lm_head" in params and "q_bias" in params["layers"][0]
+    params = random_decoder(TINY_VARIANT, seed=3)
+    decoder = nnx.merge(*params)
+    assert decoder.lm_head is not None and decoder.layers[0].attn.q.bias is not None
     tokens = prompt_tokens(20, seed=4)
-    full, _ = forward(params, TINY_VARIANT, tokens, positions(0, 20))
+    full, _ = forward(*params, tokens, positions(0, 20))
     stepped = prefill_then_decode(params, TINY_VARIANT, tokens, n_prefill=12, capacity=256)
     np.testing.assert_allclose(stepped, np.asarray(full[0, 11:]), atol=1e-4, rtol=1e-4)
 
 
 def test_bfloat16_storage_computes_in_float32(tokens):
-    bf16 = model.unstack_layers(model.init_random_params(TINY, seed=0, dtype="bfloat16"))
+    graphdef, bf16 = random_decoder(TINY, seed=0, dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
     widened = jax.tree.map(lambda a: a.astype(jnp.float32), bf16)
     # Decode (one token: the multiply-reduce path) and prefill (the matmul path) against float32
     # weights holding the same values.
     for n in (1, tokens.shape[1]):
-        expected, _ = forward(widened, TINY, tokens[:, :n], positions(0, n))
-        got, _ = forward(bf16, TINY, tokens[:, :n], positions(0, n))
+        expected, _ = forward(graphdef, widened, tokens[:, :n], positions(0, n))
+        got, _ = forward(graphdef, bf16, tokens[:, :n], positions(0, n))
         assert got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-4, rtol=1e-4)
 
 
-def test_unstacked_layers_share_the_stacked_buffers_on_cpu():
-    stacked = model.init_random_params(TINY, seed=0)
-    per_layer = model.unstack_layers(stacked)
-    q = stacked["layers"]["q"]
-    assert len(per_layer["layers"]) == TINY.num_layers
-    assert per_layer["layers"][1]["q"].unsafe_buffer_pointer() == q.unsafe_buffer_pointer() + q[0].nbytes
-    np.testing.assert_array_equal(np.asarray(per_layer["layers"][1]["q"]), np.asarray(q[1]))
-    assert model.unstack_layers(per_layer) is per_layer
-
-
-def test_init_random_params_has_the_contract_shapes():
-    from nbchat.engine.weights import expected_param_shapes
-
+def test_every_layer_holds_its_own_parameter_buffers():
     for config in (TINY, TINY_VARIANT):
-        params = model.init_random_params(config, seed=0)
-        expected = expected_param_shapes(config)
-        assert params.keys() == expected.keys()
-        assert params["layers"].keys() == expected["layers"].keys()
-        for name, shape in expected["layers"].items():
-            assert params["layers"][name].shape == (config.num_layers, *shape)
-        assert params["embed"].shape == expected["embed"]
+        _, state = random_decoder(config, seed=0)
+        shapes = {".".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(state)}
+        D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+        q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        per_layer = {
+            "attn_norm.weight": (D,),
+            "attn.q.weight": (q_out, D),
+            "attn.k.weight": (kv_out, D),
+            "attn.v.weight": (kv_out, D),
+            "attn.o.weight": (D, q_out),
+            "mlp_norm.weight": (D,),
+            "mlp.gate.weight": (F, D),
+            "mlp.up.weight": (F, D),
+            "mlp.down.weight": (D, F),
+        }
+        if config.attention_bias:
+            per_layer |= {"attn.q.bias": (q_out,), "attn.k.bias": (kv_out,), "attn.v.bias": (kv_out,)}
+        expected = {"embed.weight": (V, D), "final_norm.weight": (D,)}
+        for i in range(config.num_layers):
+            expected |= {f"layers.{i}.{name}": shape for name, shape in per_layer.items()}
+        if not config.tie_word_embeddings:
+            expected["lm_head.weight"] = (V, D)
+        assert shapes == expected
 
 
 def test_rope_frequencies_without_scaling_are_the_standard_ones():

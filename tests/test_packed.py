@@ -1,6 +1,6 @@
 """Packed block codes (nbchat/engine/packed.py): the values equal gguf's own dequantization, the
-loader keeps exactly the packable weights packed, and a model decoding from them computes the same
-tokens as one decoding from float weights."""
+loader keeps exactly the packable weights packed (and no float copy of them), and a model prefilling
+and decoding from them computes the same tokens as one reading float weights."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from gguf import GGMLQuantizationType as GGML
 
 from nbchat.engine import generate, model, packed
 from nbchat.engine.weights import load_gguf
-from tests.test_weights import TINY, make_params, named_tensors, write_gguf
+from tests.test_weights import TINY, float_params, make_params, named_tensors, write_gguf
 
 PACKED_TYPES = [GGML.Q4_0, GGML.Q4_1, GGML.Q8_0]
 
@@ -82,51 +83,71 @@ def write_tiny(tmp_path, qtype: GGML, types: dict | None = None, seed: int = 0):
     return path
 
 
+def packed_formats(decoder) -> dict[str, str]:
+    """Module path -> GGML type of every matrix the decoder holds as block codes."""
+    return {
+        ".".join(map(str, path)): node.packed_format
+        for path, node in nnx.iter_graph(decoder)
+        if isinstance(node, model.Matrix) and node.packed_format is not None
+    }
+
+
+LAYER_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def all_matrices(config, qtype: GGML) -> dict[str, str]:
+    names = {f"layers.{i}.{name}": qtype.name for i in range(config.num_layers) for name in LAYER_MATRICES}
+    return names | {"embed": qtype.name, "lm_head": qtype.name}
+
+
 @pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
 def test_loader_packs_the_packable_layer_weights_and_head(tmp_path, qtype):
-    _, params = load_gguf(write_tiny(tmp_path, qtype), progress=False)
+    path = write_tiny(tmp_path, qtype)
+    _, decoder = load_gguf(path, progress=False)
+    _, unpacked = float_params(*load_gguf(path, progress=False, pack=False))
 
-    assert set(params["packed"]["layers"]) == {"q", "k", "v", "o", "gate", "up", "down"}
-    for key, weight in params["packed"]["layers"].items():
-        # The same values as the float weights, Q/K rows un-permuted alike.
-        np.testing.assert_array_equal(
-            np.asarray(packed.dequantize(weight)), np.asarray(params["layers"][key]), err_msg=key
-        )
-    np.testing.assert_array_equal(
-        np.asarray(packed.dequantize(params["packed"]["head"])), np.asarray(params["lm_head"])
-    )
+    assert packed_formats(decoder) == all_matrices(TINY, qtype)
+    # The same values as the float weights, Q/K rows un-permuted alike.
+    _, from_codes = float_params(TINY, decoder)
+    for key, values in unpacked["layers"].items():
+        np.testing.assert_array_equal(from_codes["layers"][key], values, err_msg=key)
+    np.testing.assert_array_equal(from_codes["lm_head"], unpacked["lm_head"])
+    np.testing.assert_array_equal(from_codes["embed"], unpacked["embed"])
 
 
 def test_loader_packs_nothing_it_cannot_and_nothing_when_asked_not_to(tmp_path):
-    _, float_params = load_gguf(write_tiny(tmp_path, GGML.F32), progress=False)
-    _, k_quant_params = load_gguf(write_tiny(tmp_path, GGML.Q4_K), progress=False)
+    _, float_decoder = load_gguf(write_tiny(tmp_path, GGML.F32), progress=False)
+    _, k_quant_decoder = load_gguf(write_tiny(tmp_path, GGML.Q4_K), progress=False)
     _, unpacked = load_gguf(write_tiny(tmp_path, GGML.Q8_0), progress=False, pack=False)
 
-    assert "packed" not in float_params
-    assert "packed" not in k_quant_params
-    assert "packed" not in unpacked
+    assert packed_formats(float_decoder) == {}
+    assert packed_formats(k_quant_decoder) == {}
+    assert packed_formats(unpacked) == {}
 
 
-def test_a_weight_whose_layers_differ_in_type_stays_float(tmp_path):
-    # K-quant mixes store some layers' tensors in another type: a stack needs one format.
+def test_each_layer_keeps_its_own_block_type(tmp_path):
+    # K-quant mixes store some layers' tensors in another type: every layer has its own buffers, so
+    # each keeps the type it was stored in.
     path = write_tiny(tmp_path, GGML.Q4_0, types={"blk.1.ffn_down.weight": GGML.Q8_0})
 
-    _, params = load_gguf(path, progress=False)
+    _, decoder = load_gguf(path, progress=False)
 
-    assert set(params["packed"]["layers"]) == {"q", "k", "v", "o", "gate", "up"}
+    assert packed_formats(decoder) == all_matrices(TINY, GGML.Q4_0) | {"layers.1.mlp.down": "Q8_0"}
+    assert decoder.layers[1].mlp.down.bits == 8 and decoder.layers[0].mlp.down.bits == 4
 
 
 @pytest.mark.parametrize("qtype", [GGML.Q4_1, GGML.Q8_0], ids=lambda t: t.name)
 def test_decoding_from_packed_weights_gives_the_float_weights_tokens(tmp_path, qtype):
-    config, params = load_gguf(write_tiny(tmp_path, qtype, seed=5), progress=False)
-    float_only = {key: value for key, value in params.items() if key != "packed"}
+    path = write_tiny(tmp_path, qtype, seed=5)
+    config, packed_decoder = load_gguf(path, progress=False)
+    _, float_decoder = load_gguf(path, progress=False, pack=False)
     prompt = [5, 17, 200, 31, 64, 9, 150]
     greedy = generate.SamplingParams(temperature=0.0)
 
-    def run(p: dict) -> list[generate.TokenEvent]:
-        return list(generate.Generator(config, p).generate(prompt, greedy, max_new_tokens=24))
+    def run(decoder) -> list[generate.TokenEvent]:
+        return list(generate.Generator(config, decoder).generate(prompt, greedy, max_new_tokens=24))
 
-    packed_events, float_events = run(params), run(float_only)
+    packed_events, float_events = run(packed_decoder), run(float_decoder)
 
     assert [e.token_id for e in packed_events] == [e.token_id for e in float_events]
     np.testing.assert_allclose(
@@ -134,19 +155,39 @@ def test_decoding_from_packed_weights_gives_the_float_weights_tokens(tmp_path, q
     )
 
 
-def test_one_token_forward_reads_the_packed_weights(tmp_path):
-    config, params = load_gguf(write_tiny(tmp_path, GGML.Q8_0, seed=6), progress=False)
-    # Codes that differ from the float weights show which ones a step used.
-    zeroed = jax.tree.map(jnp.zeros_like, params["packed"])
-    tampered = model.unstack_layers({**params, "packed": zeroed})
-    intact = model.unstack_layers(params)
+def test_prefill_and_decode_both_read_the_packed_codes(tmp_path):
+    config, decoder = load_gguf(write_tiny(tmp_path, GGML.Q8_0, seed=6), progress=False)
+    graphdef, state = nnx.split(decoder)
+    # No float copy of a packed matrix is held: its only leaves are the codes and the scales.
+    leaves = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}
+    assert {leaf for leaf in leaves if leaf.startswith("layers.0.attn.q.")} == {
+        "layers.0.attn.q.codes",
+        "layers.0.attn.q.scale",
+    }
+    assert "embed.weight" not in leaves and "lm_head.weight" not in leaves
+    # Zeroed codes change what every step computes, one token (decode) or several (prefill).
+    zeroed = jax.tree.map(
+        lambda leaf: jnp.zeros_like(leaf) if leaf.dtype == jnp.uint32 else leaf, state
+    )
     token, position = jnp.array([[7]]), jnp.array([[0]])
     tokens, positions = jnp.array([[7, 8]]), jnp.array([[0, 1]])
 
-    one_intact = model.forward(intact, config, token, position)[0]
-    one_tampered = model.forward(tampered, config, token, position)[0]
-    two_intact = model.forward(intact, config, tokens, positions)[0]
-    two_tampered = model.forward(tampered, config, tokens, positions)[0]
+    for ids, where in ((token, position), (tokens, positions)):
+        intact = model.forward(graphdef, state, ids, where)[0]
+        tampered = model.forward(graphdef, zeroed, ids, where)[0]
+        assert not np.allclose(tampered, intact)
 
-    assert not np.allclose(one_tampered, one_intact)  # decode: packed codes
-    np.testing.assert_array_equal(two_tampered, two_intact)  # prefill: float weights
+
+def test_embedding_rows_from_codes_equal_the_dequantized_rows():
+    raw, expected = quantized(64, 96, GGML.Q4_1, seed=7)
+    weight = jax.tree.map(jnp.asarray, packed.packed_from_gguf(raw, "Q4_1", (64, 96)))
+    ids = jnp.array([[0, 9, 63], [8, 7, 1]])
+
+    rows = jax.jit(packed.take_rows)(weight, ids)
+
+    np.testing.assert_array_equal(np.asarray(rows), expected[np.asarray(ids)])
+
+
+def test_block_size_is_gguf_s():
+    for type_name in packed.PACKED_FORMATS:
+        assert packed.block_shape(type_name)[0] == packed.BLOCK

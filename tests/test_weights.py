@@ -14,6 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as GGML
 from safetensors.numpy import save_file
 
+from nbchat.engine import packed
 from nbchat.engine.config import Llama3RopeScaling, ModelConfig, llama3_rope_factors
 from nbchat.engine.weights import load_gguf, load_safetensors_dir, read_gguf_metadata
 from nbchat.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
@@ -244,6 +245,51 @@ def write_gguf(
     return written
 
 
+# Decoder module path inside a layer -> the key this file's parameter dicts use.
+_LAYER_MODULES = {
+    "attn_norm": ("attn_norm",),
+    "q": ("attn", "q"),
+    "k": ("attn", "k"),
+    "v": ("attn", "v"),
+    "o": ("attn", "o"),
+    "mlp_norm": ("mlp_norm",),
+    "gate": ("mlp", "gate"),
+    "up": ("mlp", "up"),
+    "down": ("mlp", "down"),
+}
+
+
+def matrix_values(matrix) -> np.ndarray:
+    """A model.Matrix's weight as an array: the float weight, or the packed codes dequantized."""
+    if matrix.packed_format is None:
+        return np.asarray(matrix.weight[...])
+    return np.asarray(packed.dequantize(matrix.packed_weight()))
+
+
+def float_params(config: ModelConfig, decoder) -> tuple[ModelConfig, dict]:
+    """(config, the loaded decoder's parameters in this file's layout): layers stacked per key."""
+    layers: dict[str, list] = {}
+    for block in decoder.layers:
+        for key, path in _LAYER_MODULES.items():
+            module = block
+            for part in path:
+                module = getattr(module, part)
+            if hasattr(module, "packed_format"):
+                layers.setdefault(key, []).append(matrix_values(module))
+                if module.bias is not None:
+                    layers.setdefault(f"{key}_bias", []).append(np.asarray(module.bias[...]))
+            else:
+                layers.setdefault(key, []).append(np.asarray(module.weight[...]))
+    params = {
+        "embed": matrix_values(decoder.embed),
+        "final_norm": np.asarray(decoder.final_norm.weight[...]),
+        "layers": {key: np.stack(values) for key, values in layers.items()},
+    }
+    if decoder.lm_head is not None:
+        params["lm_head"] = matrix_values(decoder.lm_head)
+    return config, params
+
+
 def assert_params_equal(loaded: dict, expected: dict) -> None:
     assert set(loaded) == set(expected)
     assert set(loaded["layers"]) == set(expected["layers"])
@@ -269,7 +315,7 @@ def test_llama_cpp_permutation_is_undone_exactly(tmp_path, tiny_params):
     assert not np.array_equal(written["blk.0.attn_q.weight"], tiny_params["layers"]["q"][0])
     assert not np.array_equal(written["blk.1.attn_k.weight"], tiny_params["layers"]["k"][1])
 
-    config, params = load_gguf(path, progress=False)
+    config, params = float_params(*load_gguf(path, progress=False))
 
     assert config == TINY
     assert_params_equal(params, tiny_params)
@@ -283,7 +329,7 @@ def test_qwen2_gguf_keeps_row_order_and_loads_biases(tmp_path):
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, config, named_tensors(config, source, 1))
 
-    loaded_config, params = load_gguf(path, progress=False)
+    loaded_config, params = float_params(*load_gguf(path, progress=False))
 
     assert loaded_config == config
     assert "lm_head" not in params
@@ -307,7 +353,7 @@ def test_float_tensor_types_load_exactly(tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     write_gguf(path, config, named_tensors(config, rounded, 1), qtype)
 
-    _, params = load_gguf(path, progress=False)
+    _, params = float_params(*load_gguf(path, progress=False))
 
     assert_params_equal(params, rounded)
 
@@ -321,7 +367,7 @@ def test_quantized_tensor_types_dequantize_within_block_error(tmp_path, tiny_par
     source = named_tensors(TINY, tiny_params, 1)
     written = write_gguf(path, TINY, source, qtype)
 
-    _, params = load_gguf(path, progress=False)
+    _, params = float_params(*load_gguf(path, progress=False))
 
     loaded = {name: np.asarray(value) for name, value in named_tensors(TINY, params, 1).items()}
     for name, values in source.items():
@@ -342,9 +388,9 @@ def test_quantized_tensor_types_dequantize_within_block_error(tmp_path, tiny_par
 def test_bfloat16_dtype_rounds_dequantized_values(tmp_path, tiny_params):
     path = tmp_path / "tiny-q8.gguf"
     write_gguf(path, TINY, named_tensors(TINY, tiny_params, 1), GGML.Q8_0)
-    _, float32_params = load_gguf(path, "float32", progress=False)
+    _, float32_params = float_params(*load_gguf(path, "float32", progress=False, pack=False))
 
-    _, params = load_gguf(path, "bfloat16", progress=False)
+    _, params = float_params(*load_gguf(path, "bfloat16", progress=False, pack=False))
 
     assert params["layers"]["q"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(
@@ -412,7 +458,7 @@ def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path, tiny_params):
     path = tmp_path / "llama31.gguf"
     write_gguf(path, config, tensors)
 
-    loaded_config, params = load_gguf(path, progress=False)
+    loaded_config, params = float_params(*load_gguf(path, progress=False))
 
     assert loaded_config.rope_scaling == scaling
     assert_params_equal(params, tiny_params)
@@ -511,7 +557,7 @@ def write_hf_dir(
 def test_safetensors_dir_loads_exact_params(tmp_path, tiny_params):
     directory = write_hf_dir(tmp_path / "tiny", TINY, named_tensors(TINY, tiny_params, 2))
 
-    config, params = load_safetensors_dir(directory, progress=False)
+    config, params = float_params(*load_safetensors_dir(directory, progress=False))
 
     assert config == TINY
     assert_params_equal(params, tiny_params)
@@ -521,7 +567,7 @@ def test_sharded_safetensors_with_index(tmp_path, tiny_params):
     directory = write_hf_dir(tmp_path / "sharded", TINY, named_tensors(TINY, tiny_params, 2), shards=3)
     assert len(list(directory.glob("*.safetensors"))) == 3
 
-    _, params = load_safetensors_dir(directory, progress=False)
+    _, params = float_params(*load_safetensors_dir(directory, progress=False))
 
     assert_params_equal(params, tiny_params)
 
@@ -538,8 +584,8 @@ def test_bfloat16_safetensors_to_float32_and_bfloat16(tmp_path):
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     directory = write_hf_dir(tmp_path / "qwen2-bf16", config, tensors)
 
-    loaded_config, float32_params = load_safetensors_dir(directory, "float32", progress=False)
-    _, bfloat16_params = load_safetensors_dir(directory, "bfloat16", progress=False)
+    loaded_config, float32_params = float_params(*load_safetensors_dir(directory, "float32", progress=False))
+    _, bfloat16_params = float_params(*load_safetensors_dir(directory, "bfloat16", progress=False))
 
     assert loaded_config == config
     expected = {
@@ -584,7 +630,7 @@ def test_smollm2_gguf_config_and_shapes():
     from nbchat.models import resolve
 
     path = resolve("smollm2-135m-instruct").path
-    config, params = load_gguf(path, progress=False)
+    config, decoder = load_gguf(path, progress=False)
 
     assert config == ModelConfig(
         architecture="llama",
@@ -601,6 +647,9 @@ def test_smollm2_gguf_config_and_shapes():
         tie_word_embeddings=True,
     )
     assert config.rms_norm_eps == pytest.approx(1e-5)
-    assert params["layers"]["q"].shape == (30, 576, 576)
-    assert params["layers"]["k"].shape == (30, 192, 576)
-    assert "lm_head" not in params
+    assert len(decoder.layers) == 30
+    q, k = decoder.layers[29].attn.q, decoder.layers[29].attn.k
+    assert (q.out_features, q.in_features, q.packed_format) == (576, 576, "Q4_1")
+    assert (k.out_features, k.in_features, k.packed_format) == (192, 576, "Q4_1")
+    assert decoder.embed.packed_format == "Q8_0"  # the tied head's codes, looked up for embeddings too
+    assert decoder.lm_head is None

@@ -123,14 +123,14 @@ def resized(cache: KVCache, capacity: int) -> KVCache:
 
 
 def write_keys(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new keys of one layer at row b's slots [start[b], start[b] + T): buffer
-    [B, Hkv, hd, C], new [B, Hkv, T, hd], start [B] int. See ``_write``."""
+    """Store T new keys of one layer, row b's at slots [start[b], start[b] + T): buffer
+    [B, Hkv, hd, C], new [B, Hkv, T, hd], start int [B] (or [] for every row). See ``_write``."""
     return _write(buffer, new.swapaxes(2, 3), start, KEY_SLOT_AXIS)
 
 
 def write_values(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new values of one layer at row b's slots [start[b], start[b] + T): buffer
-    [B, Hkv, C, hd], new [B, Hkv, T, hd], start [B] int. See ``_write``."""
+    """Store T new values of one layer, row b's at slots [start[b], start[b] + T): buffer
+    [B, Hkv, C, hd], new [B, Hkv, T, hd], start int [B] (or []). See ``_write``."""
     return _write(buffer, new, start, VALUE_SLOT_AXIS)
 
 
@@ -138,16 +138,16 @@ def _write(buffer: jax.Array, new: jax.Array, start: jax.Array, slot_axis: int) 
     """In place on a donated buffer. The caller guarantees start[b] + T <= C: dynamic_update_slice
     would otherwise clamp the start and silently write the wrong slots.
 
-    One row is one dynamic_update_slice (the single-sequence path); several rows at their own
-    starts are that update vmapped over the rows, which XLA lowers to one in-place scatter per
-    buffer (measured for 16 rows x 60 buffers: 0.27 ms per step, and a third of the compile time
-    of one dynamic_update_slice per row)."""
+    One start for every row (or one row) is one dynamic_update_slice (the single-sequence path);
+    several rows at their own starts are that update vmapped over the rows, which XLA lowers to one
+    in-place scatter per buffer (measured for 16 rows x 60 buffers: 0.27 ms per step, and a third
+    of the compile time of one dynamic_update_slice per row)."""
     new = new.astype(buffer.dtype)
-    start = start.astype(jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
-    if buffer.shape[0] == 1:
+    if start.ndim == 0 or buffer.shape[0] == 1:
         index = [zero] * buffer.ndim
-        index[slot_axis] = start[0]
+        index[slot_axis] = start.reshape(())
         return jax.lax.dynamic_update_slice(buffer, new, tuple(index))
 
     def write_row(row_buffer: jax.Array, row_new: jax.Array, row_start: jax.Array) -> jax.Array:

@@ -15,6 +15,8 @@ from typing import Any
 from nbchat.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Storage dtypes of float weights (every product computes in float32).
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)

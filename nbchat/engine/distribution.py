@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from nbchat.engine import model, sampling
 from nbchat.engine.config import ModelConfig
@@ -32,11 +33,12 @@ class NextTokenLogprobs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _logits_program(config: ModelConfig):
-    def run(params, token_ids, n_real):
+def _logits_program(graphdef: nnx.GraphDef):
+    def run(state, token_ids, n_real):
         T = token_ids.shape[1]
         positions = jnp.arange(T, dtype=jnp.int32)[None, :]
-        logits, _ = model.forward(params, config, token_ids, positions, logits_at=jnp.full((1,), n_real - 1))
+        logits_at = jnp.full((1,), n_real - 1)
+        logits, _ = model.forward(graphdef, state, token_ids, positions, logits_at=logits_at)
         return logits[0]  # [V]
 
     return jax.jit(run)
@@ -69,7 +71,7 @@ def _all_allowed(rows: int, vocab: int) -> jax.Array:
 
 
 def next_token_logprobs(
-    params: dict,
+    decoder: model.Decoder,
     config: ModelConfig,
     prompt_ids: Sequence[int],
     rows: Sequence[SamplingParams],
@@ -84,7 +86,8 @@ def next_token_logprobs(
     length = min(length, max(config.context_length, len(prompt)))
     tokens = np.zeros((1, length), np.int32)
     tokens[0, : len(prompt)] = prompt
-    logits = _logits_program(config)(params, tokens, np.int32(len(prompt)))
+    graphdef, state = nnx.split(decoder)
+    logits = _logits_program(graphdef)(state, tokens, np.int32(len(prompt)))
     vocab = config.vocab_size
     seen = np.zeros((1, vocab), bool)
     seen[0, np.asarray(prompt, dtype=np.int64)] = True

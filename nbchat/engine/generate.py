@@ -34,9 +34,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from nbchat.engine import cache as kv_cache
-from nbchat.engine import jax_setup, model, sampling
+from nbchat.engine import backend, jax_setup, model, sampling
 from nbchat.engine.config import ModelConfig
 from nbchat.engine.sampling import SamplingParams
 from nbchat.errors import EngineBusyError
@@ -109,10 +110,11 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config: ModelConfig) -> Callable:
+def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
     """The jitted step over every row of the batch: decode, and prefill while the batch has one row.
 
-    ``(params, cache, token_ids [S, T] int32, cache_len [S] int32, logits_at [S] int32,
+    ``graphdef`` is the decoder's structure (``nnx.split``, closed over as static); ``params`` its
+    state. ``(params, cache, token_ids [S, T] int32, cache_len [S] int32, logits_at [S] int32,
     advancing [S] bool, state, settings, allowed_bits [S, ceil(V / 32)] int32, previous: Sample [S])
     -> (cache, state, Sample)``: run row b's T tokens through the model at its slots
     [cache_len[b], cache_len[b] + T) and sample from the logits of its token ``logits_at[b]``. Rows
@@ -125,7 +127,7 @@ def step_program(config: ModelConfig) -> Callable:
             previous):
         T = token_ids.shape[1]
         positions = cache_len[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        logits, cache = model.forward(params, config, token_ids, positions, cache, cache_len, logits_at)
+        logits, cache = model.forward(graphdef, params, token_ids, positions, cache, cache_len, logits_at)
         result, new_state = sampling.sample(logits, state, settings, allowed_bits)
 
         def keep_unless_advancing(new: jax.Array, old: jax.Array) -> jax.Array:
@@ -135,11 +137,11 @@ def step_program(config: ModelConfig) -> Callable:
         result = jax.tree.map(keep_unless_advancing, result, previous)
         return cache, state, result
 
-    return jax.jit(run, donate_argnums=1, compiler_options=model.compiler_options())
+    return jax.jit(run, donate_argnums=1, compiler_options=backend.compiler_options())
 
 
 @functools.lru_cache(maxsize=8)
-def row_prefill_program(config: ModelConfig) -> Callable:
+def row_prefill_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
     """The jitted prefill of one row of a batch of several.
 
     ``(params, cache, row [] int32, token_ids [1, T], cache_len [1], logits_at [1], state, settings,
@@ -153,7 +155,7 @@ def row_prefill_program(config: ModelConfig) -> Callable:
         positions = cache_len[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         row_cache = jax.tree.map(lambda buffer: jax.lax.dynamic_slice_in_dim(buffer, row, 1, axis=0), cache)
         logits, row_cache = model.forward(
-            params, config, token_ids, positions, row_cache, cache_len, logits_at
+            graphdef, params, token_ids, positions, row_cache, cache_len, logits_at
         )
         cache = jax.tree.map(
             lambda buffer, part: jax.lax.dynamic_update_slice_in_dim(buffer, part, row, axis=0),
@@ -163,7 +165,7 @@ def row_prefill_program(config: ModelConfig) -> Callable:
         result, state = sampling.sample(logits, state, settings, allowed_bits)
         return cache, state, result
 
-    return jax.jit(run, donate_argnums=1, compiler_options=model.compiler_options())
+    return jax.jit(run, donate_argnums=1, compiler_options=backend.compiler_options())
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -240,12 +242,12 @@ class Generator:
     Safe to use from several threads: each ``generate()`` iterator is a sequence of its own.
     """
 
-    def __init__(self, config: ModelConfig, params: dict):
+    def __init__(self, config: ModelConfig, decoder: model.Decoder):
         jax_setup.enable_persistent_compilation_cache()
         self._config = config
-        self._params = model.unstack_layers(params)
-        self._program = step_program(config)
-        self._row_program = row_prefill_program(config)
+        graphdef, self._params = nnx.split(decoder)  # once: the hot path is a plain jit over the state
+        self._program = step_program(config, graphdef)
+        self._row_program = row_prefill_program(config, graphdef)
         self._mask_words = -(-config.vocab_size // 32)
         self._all_allowed: dict[int, jax.Array] = {}  # per batch size
         self._no_bias = np.zeros((1, config.vocab_size), np.float32)

@@ -1,93 +1,162 @@
-"""The Llama-family decoder as pure JAX functions over the parameter pytree.
+"""The Llama-family decoder as Flax NNX modules.
 
 RMSNorm, rotary embeddings (half-split / Hugging Face order, optional Llama 3 frequency scaling),
 grouped-query attention over a KV cache, SwiGLU MLP, optional q/k/v biases (Qwen2), tied or separate
-output head.
+output head. The module tree is the one parameter layout: loaders fill its state by path
+(``weights.py``), a random test model is ``Decoder(config, rngs=nnx.Rngs(seed))``.
 
-The hot path is a plain function of (params, cache, token ids, positions) that callers wrap in
-``jax.jit`` with the config static: no module objects, no per-call graph splitting. Layers are an
-unrolled loop over per-layer buffers, not a ``lax.scan`` over stacked ones: XLA:CPU copies a
-layer's slice of a stacked weight before every matmul (see ``unstack_layers``), which made decode
-~45% slower. Weights may be stored in bfloat16; every matmul and reduction computes in float32.
-On XLA:CPU (jax 0.10) bfloat16 halves the memory but is not faster: its convert-and-multiply runs
-slower than a float32 matmul reads twice the bytes.
+The hot path is ``forward(graphdef, state, ...)``: callers ``nnx.split`` a Decoder once and wrap
+``forward`` in a plain ``jax.jit`` with the graphdef static and the KV cache donated. (An ``nnx.jit``
+per token cost ~28 ms of overhead for 30 layers; the split ~0.5 ms.) Layers are a list of Blocks,
+each with its own buffers: a layer slice of a stacked weight cost XLA:CPU a copy before every matmul
+(35 vs 24 ms per token). How a product is computed on each backend (packed block codes, fusion
+barriers, bfloat16) is ``backend.py``'s business.
 
 Shape letters: B batch, T new tokens, C cache capacity, D hidden, F MLP width, V vocabulary,
-L layers, Hq query heads, Hkv key/value heads, G = Hq // Hkv query heads per kv head, hd head dim.
-
-The parameter pytree (every linear weight ``[out, in]``, layers stacked on a leading L axis) is the
-contract with ``weights.py``; see ``init_random_params`` for its exact keys and shapes. It may also
-hold ``params["packed"]``: the same weights as the GGUF's 4-/8-bit block codes (``packed.py``), with
-keys ``"layers"`` (a subset of the linear-weight keys) and ``"head"``. A one-token step (decode) reads
-those instead of the float weights: it reads every weight once, so fewer bytes make it faster, while
-a multi-token step (prefill) is a matrix product that the float weights serve faster.
+Hq query heads, Hkv key/value heads, G = Hq // Hkv query heads per kv head, hd head dim.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from nbchat.engine import backend, packed
 from nbchat.engine import cache as kv_cache
-from nbchat.engine import packed
+from nbchat.engine.backend import COMPUTE_DTYPE
 from nbchat.engine.config import ModelConfig
 
-COMPUTE_DTYPE = jnp.float32
+# A model's packed matrices: module path ("embed", "lm_head", "layers.3.attn.q", ...) -> the name of
+# their GGML block type in ``packed.PACKED_FORMATS``. Matrices not named hold float weights.
+WeightFormats = Mapping[str, str]
 
 
-def compiler_options() -> dict[str, bool]:
-    """XLA options for jitting ``forward`` with a donated cache.
-
-    On CPU, XLA's default copy insertion copies every donated cache buffer twice per step when a
-    buffer is both read (attention) and updated in place (the new k/v); region analysis proves the
-    read happens first and drops the copies (measured: 37 ms of copies per token at 1024 slots).
-    """
-    return {"xla_cpu_copy_insertion_use_region_analysis": True} if jax.default_backend() == "cpu" else {}
+def _scoped(formats: WeightFormats, prefix: str) -> dict[str, str]:
+    """The formats of the matrices under ``prefix`` ("layers.0."), keyed relative to it."""
+    return {path[len(prefix) :]: name for path, name in formats.items() if path.startswith(prefix)}
 
 
-def init_random_params(config: ModelConfig, seed: int = 0, dtype: str | jnp.dtype = "float32") -> dict:
-    """Random parameters with the pytree layout ``weights.py`` produces, for tests and benchmarks.
+class Matrix(nnx.Module):
+    """A weight [out, in]: float (``weight``) or GGUF block codes (``codes``, ``scale``, ``minimum``
+    and the static ``bits``, ``offset``: see ``packed.py``)."""
 
-    Linear weights are scaled by 1/sqrt(fan_in) so activations keep unit scale through the layers
-    and the logits are spread out (not near-uniform), which makes argmax comparisons meaningful.
-    """
-    c = config
-    L, D, F, V = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    rng = np.random.default_rng(seed)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        packed_format: str | None,
+        dtype: str,
+        init_std: float,
+        key: jax.Array,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.packed_format = packed_format
+        if packed_format is None:
+            self.weight = nnx.Param(
+                (init_std * jax.random.normal(key, (out_features, in_features))).astype(dtype)
+            )
+            return
+        fmt = packed.PACKED_FORMATS[packed_format]
+        self.bits, self.offset = fmt.bits, fmt.offset
+        blocks = (out_features, in_features // packed.BLOCK)
+        # Random codes centred on the offset, scaled so the values have about init_std spread.
+        step = init_std * math.sqrt(12) / 2**fmt.bits
+        self.codes = nnx.Param(
+            jax.random.bits(key, (out_features // (32 // fmt.bits), in_features), jnp.uint32)
+        )  # [out / n, in]
+        self.scale = nnx.Param(jnp.full(blocks, step, jnp.float32))  # [out, in / 32]
+        self.minimum = (
+            nnx.Param(jnp.full(blocks, -step * 2 ** (fmt.bits - 1), jnp.float32)) if fmt.has_minimum else None
+        )
 
-    def linear(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(shape[-1]))
+    def packed_weight(self) -> packed.PackedWeight:
+        minimum = None if self.minimum is None else self.minimum[...]
+        return packed.PackedWeight(self.codes[...], self.scale[...], minimum, self.bits, self.offset)
 
-    def norm(*shape: int) -> np.ndarray:
-        return 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [..., in] float32 -> x @ W.T [..., out] float32."""
+        if self.packed_format is None:
+            return backend.float_linear(x, self.weight[...])
+        return backend.packed_linear(x, self.packed_weight())
 
-    layers = {
-        "attn_norm": norm(L, D),
-        "q": linear(L, q_out, D),
-        "k": linear(L, kv_out, D),
-        "v": linear(L, kv_out, D),
-        "o": linear(L, D, q_out),
-        "mlp_norm": norm(L, D),
-        "gate": linear(L, F, D),
-        "up": linear(L, F, D),
-        "down": linear(L, D, F),
-    }
-    if c.attention_bias:
-        layers["q_bias"] = 0.1 * rng.standard_normal((L, q_out), dtype=np.float32)
-        layers["k_bias"] = 0.1 * rng.standard_normal((L, kv_out), dtype=np.float32)
-        layers["v_bias"] = 0.1 * rng.standard_normal((L, kv_out), dtype=np.float32)
-    params = {
-        "embed": 0.5 * rng.standard_normal((V, D), dtype=np.float32),
-        "layers": layers,
-        "final_norm": norm(D),
-    }
-    if not c.tie_word_embeddings:
-        params["lm_head"] = linear(V, D)
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
+    def take_rows(self, ids: jax.Array) -> jax.Array:
+        """ids [...] int -> W[ids] [..., in] float32."""
+        if self.packed_format is None:
+            return self.weight[...][ids].astype(COMPUTE_DTYPE)
+        return packed.take_rows(self.packed_weight(), ids)
+
+
+class Linear(Matrix):
+    """y = x @ W.T (+ b): W [out, in], b [out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        packed_format: str | None = None,
+        dtype: str = "float32",
+        key: jax.Array,
+    ):
+        weight_key, bias_key = jax.random.split(key)
+        # Scaled by 1/sqrt(fan_in) so random models keep unit activations and spread-out logits.
+        super().__init__(
+            in_features,
+            out_features,
+            packed_format=packed_format,
+            dtype=dtype,
+            init_std=1 / math.sqrt(in_features),
+            key=weight_key,
+        )
+        self.bias = (
+            nnx.Param((0.1 * jax.random.normal(bias_key, (out_features,))).astype(dtype))
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias[...].astype(COMPUTE_DTYPE)
+
+
+class Embed(Matrix):
+    """Token embeddings W [V, D]: ``embed(ids)`` looks rows up, ``embed.attend(x)`` is the tied
+    output head x @ W.T."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        packed_format: str | None = None,
+        dtype: str = "float32",
+        key: jax.Array,
+    ):
+        super().__init__(dim, vocab_size, packed_format=packed_format, dtype=dtype, init_std=0.5, key=key)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return self.take_rows(ids)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return self.matmul(x)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype: str = "float32", key: jax.Array):
+        self.eps = eps
+        self.weight = nnx.Param((1.0 + 0.1 * jax.random.normal(key, (dim,))).astype(dtype))  # [D]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] float32."""
+        variance = jnp.mean(x * x, axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(variance + self.eps) * self.weight[...].astype(COMPUTE_DTYPE)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -111,82 +180,6 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
     blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(is_medium, blended, scaled).astype(np.float32)
-
-
-def unstack_layers(params: dict) -> dict:
-    """The same parameters with ``layers`` (and ``packed["layers"]``) as tuples of per-layer dicts
-    instead of stacked arrays.
-
-    ``forward`` accepts both forms; the per-layer form is the fast one. Inside a jitted function, a
-    layer slice of a stacked array feeds XLA:CPU's dot only after a copy (a dynamic-slice fusion under
-    ``lax.scan``, a slice fusion when unrolled): every decode step would copy all the weights once
-    more (SmolLM2-135M: the layer matmuls took 35 ms per token instead of 24 ms with separate
-    buffers). On CPU the per-layer arrays are zero-copy views of the stacked buffers: no memory cost.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return params
-    num_layers = next(iter(layers.values())).shape[0]
-
-    def layer_views(stacked: jax.Array) -> list[jax.Array]:
-        if all(device.platform == "cpu" for device in stacked.devices()):
-            host = np.asarray(stacked)  # a view of the device buffer on CPU
-            return [jax.device_put(host[i], stacked.sharding) for i in range(num_layers)]
-        return [stacked[i] for i in range(num_layers)]
-
-    def per_layer(stacked_layers: dict) -> tuple[dict, ...]:
-        views = {}
-        for name, value in stacked_layers.items():  # an array, or a PackedWeight of arrays
-            leaves, treedef = jax.tree.flatten(value)
-            leaf_views = [layer_views(leaf) for leaf in leaves]
-            views[name] = [jax.tree.unflatten(treedef, [v[i] for v in leaf_views]) for i in range(num_layers)]
-        return tuple({name: views[name][i] for name in stacked_layers} for i in range(num_layers))
-
-    unstacked = {**params, "layers": per_layer(layers)}
-    if "packed" in params:
-        unstacked["packed"] = {**params["packed"], "layers": per_layer(params["packed"]["layers"])}
-    return unstacked
-
-
-def _layer_slices(layers: dict | list, num_layers: int) -> list:
-    """Per-layer dicts from a dict of stacked [L, ...] arrays (or PackedWeights); a list as is."""
-    if not isinstance(layers, dict):
-        return layers
-    return [jax.tree.map(lambda stacked, i=i: stacked[i], layers) for i in range(num_layers)]
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x: [..., D] float32; weight: [D]."""
-    variance = jnp.mean(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(variance + eps) * weight.astype(COMPUTE_DTYPE)
-
-
-def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x: [..., in] float32; weight: [out, in] in its storage dtype, or packed block codes ->
-    [..., out] float32."""
-    if isinstance(weight, packed.PackedWeight):
-        return packed.linear(x, weight)
-    if weight.dtype != COMPUTE_DTYPE and math.prod(x.shape[:-1]) == 1:
-        # One token with bfloat16 weights: XLA:CPU's dot converts a bfloat16 operand ~10x slower
-        # than it reads float32, while a multiply-reduce loop fusion converts in registers and runs
-        # at memory speed: the point of narrow storage.
-        rows = (weight.astype(COMPUTE_DTYPE) * x.reshape(-1)).sum(axis=-1)  # [out]
-        return rows.reshape(*x.shape[:-1], weight.shape[0])
-    return jnp.einsum("...i,oi->...o", x, weight.astype(COMPUTE_DTYPE))
-
-
-def materialized(x: jax.Array, always_true: jax.Array) -> jax.Array:
-    """``x``, computed once into its own buffer before the next op reads it.
-
-    XLA:CPU compiles a packed linear (unpacking and a matrix-vector product) into one loop and fuses
-    the ops that produce its input into that loop too, recomputing them for every output row: after
-    the attention that made a SmolLM2 decode step 8 ms slower; with every packed linear's input
-    materialized the step took 17.7 ms instead of 22. A conditional is a boundary no fusion crosses;
-    ``always_true`` is true but XLA cannot know it, so the other branch never runs.
-    (``jax.lax.optimization_barrier`` would say this directly, but XLA:CPU drops barriers before
-    fusion.)
-    """
-    return jax.lax.cond(always_true, lambda a: a, jnp.zeros_like, x)
 
 
 def rotary_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -220,7 +213,7 @@ def attention(
 
     q: [B, T, Hkv, G, hd]; k, v: [B, Hkv, T, hd] (the new tokens); positions: [B, T];
     cached_k: [B, Hkv, hd, C] (transposed, see ``KVCache``), cached_v: [B, Hkv, C, hd], or both None;
-    cache_len: [B] int, row b's slots [0, cache_len[b]) are valid.
+    cache_len: [B] int, row b's slots [0, cache_len[b]) are valid, or [] for every row alike.
     Returns [B, T, Hkv, G, hd].
 
     The G query heads sharing a kv head are stacked as R = G * T rows (row g * T + t), so every
@@ -242,7 +235,9 @@ def attention(
     else:
         C = cached_k.shape[3]
         cached_scores = jnp.einsum("bkrd,bkds->bkrs", rows, cached_k.astype(COMPUTE_DTYPE))  # [B, Hkv, R, C]
-        valid = jnp.arange(C) < cache_len[:, None, None, None]  # [B, 1, 1, C]
+        # Per row [B, 1, 1, C], or [C] for every row alike (a scalar cache_len: measured faster at
+        # 1152 slots, 30 vs 39 ms per decode step).
+        valid = jnp.arange(C) < (cache_len[:, None, None, None] if cache_len.ndim else cache_len)
         cached_scores = jnp.where(valid, cached_scores, -jnp.inf)
         # Every query sees at least itself, so the max is finite and the denominator positive.
         top = jnp.maximum(cached_scores.max(axis=-1), new_scores.max(axis=-1))[..., None]  # [B, Hkv, R, 1]
@@ -253,82 +248,174 @@ def attention(
     return attended.reshape(B, Hkv, G, T, hd).transpose(0, 3, 1, 2, 4)
 
 
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions; returns its output and the new k/v."""
+
+    def __init__(self, config: ModelConfig, *, formats: WeightFormats, dtype: str, key: jax.Array):
+        c = self.config = config
+        D, q_out, kv_out = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        keys = iter(jax.random.split(key, 4))
+
+        def linear(name: str, in_features: int, out_features: int, use_bias: bool) -> Linear:
+            return Linear(
+                in_features,
+                out_features,
+                use_bias=use_bias,
+                packed_format=formats.get(name),
+                dtype=dtype,
+                key=next(keys),
+            )
+
+        self.q = linear("q", D, q_out, c.attention_bias)
+        self.k = linear("k", D, kv_out, c.attention_bias)
+        self.v = linear("v", D, kv_out, c.attention_bias)
+        self.o = linear("o", q_out, D, False)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        positions: jax.Array,
+        cached: tuple[jax.Array, jax.Array] | None,
+        cache_len: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, T, D]; cached: this layer's (keys, values) buffers or None.
+        Returns (output [B, T, D], k [B, Hkv, T, hd], v [B, Hkv, T, hd])."""
+        c = self.config
+        B, T, _ = x.shape
+        G = c.num_heads // c.num_kv_heads
+        q = apply_rope(self.q(x).reshape(B, T, c.num_kv_heads, G, c.head_dim), cos, sin)
+        k = apply_rope(self.k(x).reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin).transpose(0, 2, 1, 3)
+        v = self.v(x).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        attended = attention(q, k, v, positions, *(cached or (None, None)), cache_len)  # [B, T, Hkv, G, hd]
+        return self.o(attended.reshape(B, T, c.num_heads * c.head_dim)), k, v
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, formats: WeightFormats, dtype: str, key: jax.Array):
+        D, F = config.hidden_size, config.intermediate_size
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        self.gate = Linear(D, F, packed_format=formats.get("gate"), dtype=dtype, key=gate_key)
+        self.up = Linear(D, F, packed_format=formats.get("up"), dtype=dtype, key=up_key)
+        self.down = Linear(F, D, packed_format=formats.get("down"), dtype=dtype, key=down_key)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D]."""
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, *, formats: WeightFormats, dtype: str, key: jax.Array):
+        D, eps = config.hidden_size, config.rms_norm_eps
+        keys = jax.random.split(key, 4)
+        self.attn_norm = RMSNorm(D, eps, dtype=dtype, key=keys[0])
+        self.attn = Attention(config, formats=_scoped(formats, "attn."), dtype=dtype, key=keys[1])
+        self.mlp_norm = RMSNorm(D, eps, dtype=dtype, key=keys[2])
+        self.mlp = MLP(config, formats=_scoped(formats, "mlp."), dtype=dtype, key=keys[3])
+
+    def __call__(self, x, cos, sin, positions, cached, cache_len):
+        """x: [B, T, D] -> (x [B, T, D], k, v [B, Hkv, T, hd]); see ``Attention``."""
+        attended, k, v = self.attn(self.attn_norm(x), cos, sin, positions, cached, cache_len)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), k, v
+
+
+class Decoder(nnx.Module):
+    """The whole decoder: token ids -> logits, reading and extending a KV cache.
+
+    ``formats`` names the matrices held as packed block codes (see ``WeightFormats``); ``dtype`` is
+    the storage dtype of the float parameters. Every product computes in float32.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        formats: WeightFormats | None = None,
+        dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        c = self.config = config
+        formats = dict(formats or {})
+        # One draw from the Rngs, split with plain jax.random: an RngStream call per parameter cost
+        # ~10 ms each under nnx.eval_shape (2.5 s for SmolLM2's shapes), the loader's critical path.
+        embed_key, norm_key, head_key, *layer_keys = jax.random.split(rngs.params(), 3 + c.num_layers)
+        self.embed = Embed(
+            c.vocab_size, c.hidden_size, packed_format=formats.get("embed"), dtype=dtype, key=embed_key
+        )
+        self.layers = nnx.List(
+            [
+                Block(c, formats=_scoped(formats, f"layers.{i}."), dtype=dtype, key=layer_keys[i])
+                for i in range(c.num_layers)
+            ]
+        )
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, key=norm_key)
+        self.lm_head = (
+            None
+            if c.tie_word_embeddings
+            else Linear(
+                c.hidden_size, c.vocab_size, packed_format=formats.get("lm_head"), dtype=dtype, key=head_key
+            )
+        )
+
+    def __call__(
+        self,
+        token_ids: jax.Array,
+        positions: jax.Array,
+        cache: kv_cache.KVCache | None = None,
+        cache_len: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, kv_cache.KVCache | None]:
+        """Run T new tokens per sequence; see ``forward``."""
+        if cache is not None:
+            cache_len = jnp.asarray(cache_len, jnp.int32)  # [B] or []
+        cos, sin = rotary_tables(positions, rope_inverse_frequencies(self.config))  # [B, T, hd/2]
+        x = self.embed(token_ids)  # [B, T, D]
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            cached = None if cache is None else (cache.k[i], cache.v[i])
+            x, k, v = block(x, cos, sin, positions, cached, cache_len)
+            new_k.append(k)
+            new_v.append(v)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)  # [B, (T,) V]
+        if cache is None:
+            return logits, None
+        # Written last, after every layer read its buffers: see ``attention``.
+        return logits, kv_cache.KVCache(
+            tuple(kv_cache.write_keys(b, k, cache_len) for b, k in zip(cache.k, new_k, strict=True)),
+            tuple(kv_cache.write_values(b, v, cache_len) for b, v in zip(cache.v, new_v, strict=True)),
+        )
+
+
 def forward(
-    params: dict,
-    config: ModelConfig,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
     token_ids: jax.Array,
     positions: jax.Array,
     cache: kv_cache.KVCache | None = None,
     cache_len: jax.Array | None = None,
     logits_at: jax.Array | None = None,
 ) -> tuple[jax.Array, kv_cache.KVCache | None]:
-    """Run the decoder on T new tokens per sequence.
+    """The decoder ``nnx.split`` into (graphdef, state), run on T new tokens per sequence: a pure
+    function of pytrees, for ``jax.jit`` with the graphdef static and the cache donated.
 
     token_ids, positions: [B, T] int. With a cache, row b's new tokens attend to its slots
-    [0, cache_len[b]) and (causally) to each other, and their k/v are written at its slots
+    [0, cache_len[b]) and (causally) to each other, and their k/v are written at slots
     [cache_len[b], cache_len[b] + T): the caller keeps positions[b] == cache_len[b] + arange(T) and
-    cache_len[b] + T <= capacity (cache_len is a traced [B] int, one length per row, so rows of a
-    batch may sit at different positions). Without a cache this is the plain full-sequence forward.
+    cache_len[b] + T <= capacity. cache_len is a traced int32 [B], or [] for every row alike.
+    Without a cache this is the plain full-sequence forward.
 
     logits_at: [B] int, the index along T whose logits are wanted (the last real token of a padded
     prompt): the vocabulary projection is the largest matmul, so only needed rows go through it.
     None computes logits for all positions. Returns (logits [B, V] or [B, T, V] float32, the
     updated cache or None).
-
-    Layers run as an unrolled Python loop over per-layer buffers (see ``unstack_layers``); stacked
-    ``params["layers"]`` are accepted too and sliced here, which is slower but fine for tests.
     """
-    c = config
-    B, T = token_ids.shape
-    G = c.num_heads // c.num_kv_heads
-    layers = params["layers"]
-    # One token per step: read the packed block codes where the checkpoint has them (see the module
-    # docstring); the float weights serve everything else.
-    packed_params = params.get("packed", {}) if B * T == 1 else {}
-    packed_layers = packed_params.get("layers", [{}] * c.num_layers)
-    layers = _layer_slices(layers, c.num_layers)
-    packed_layers = _layer_slices(packed_layers, c.num_layers)
-    cos, sin = rotary_tables(positions, rope_inverse_frequencies(c))  # [B, T, hd/2]
-    x = params["embed"][token_ids].astype(COMPUTE_DTYPE)  # [B, T, D]
-    new_k, new_v = [], []
-    # Inputs of packed linears are computed once into their own buffers (see ``materialized``).
-    always_true = positions[0, 0] >= 0
-
-    def packed_input(a: jax.Array) -> jax.Array:
-        return materialized(a, always_true) if packed_params else a
-
-    for i, (dense, compact) in enumerate(zip(layers, packed_layers, strict=True)):
-        p = {**dense, **compact}
-        h = packed_input(rms_norm(x, p["attn_norm"], c.rms_norm_eps))
-        q, k, v = linear(h, p["q"]), linear(h, p["k"]), linear(h, p["v"])  # [B, T, H*hd]
-        if c.attention_bias:
-            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
-        q = apply_rope(q.reshape(B, T, c.num_kv_heads, G, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin).transpose(0, 2, 1, 3)
-        v = v.reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
-        if cache is None:
-            attended = attention(q, k, v, positions)  # [B, T, Hkv, G, hd]
-        else:
-            attended = attention(q, k, v, positions, cache.k[i], cache.v[i], cache_len)
-            new_k.append(k)
-            new_v.append(v)
-        x = x + linear(packed_input(attended.reshape(B, T, c.num_heads * c.head_dim)), p["o"])
-        h = packed_input(rms_norm(x, p["mlp_norm"], c.rms_norm_eps))
-        x = x + linear(packed_input(jax.nn.silu(linear(h, p["gate"])) * linear(h, p["up"])), p["down"])
-
-    if logits_at is not None:
-        x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
-    x = rms_norm(x, params["final_norm"], c.rms_norm_eps)
-    head = params["embed"] if c.tie_word_embeddings else params["lm_head"]  # [V, D]
-    head = packed_params.get("head", head)
-    new_cache = None
-    if cache is not None:  # written last: see ``attention``
-        new_cache = kv_cache.KVCache(
-            tuple(
-                kv_cache.write_keys(buffer, k, cache_len) for buffer, k in zip(cache.k, new_k, strict=True)
-            ),
-            tuple(
-                kv_cache.write_values(buffer, v, cache_len) for buffer, v in zip(cache.v, new_v, strict=True)
-            ),
-        )
-    return linear(packed_input(x), head), new_cache
+    return nnx.merge(graphdef, state)(token_ids, positions, cache, cache_len, logits_at)

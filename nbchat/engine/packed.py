@@ -8,7 +8,7 @@ codes are packed in uint32 words and unpacked with shifts, masks and a bit trick
 gives the signed code as a float32 with no conversion op. XLA fuses that unpacking, the per-block
 scales and the matrix-vector product into one loop, so no float32 copy of the weight is written and
 memory delivers 5-6 bits per weight instead of 32 (SmolLM2-135M, Q4_1 layers and Q8_0 head: a decode
-step with a 256-slot cache 17 ms instead of 32; see ``model.materialized`` for the fusion it needs).
+step with a 256-slot cache 17 ms instead of 32; see ``backend.fusion_barrier`` for the fusion it needs).
 
 The values equal ``gguf.quants.dequantize`` of the same blocks (the same float32 products and sums),
 so the model computes the function the reference computes from the file.
@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-BLOCK = 32  # values per GGUF block of the packable types
 # The float32 whose bits are 0x4B000000 is 2**23; OR-ing an integer below 2**23 into its mantissa
 # gives 2**23 + that integer exactly.
 _MAGIC_BITS = 0x4B000000
@@ -43,16 +43,23 @@ class PackedFormat:
     bits: int  # code width
     offset: int  # value = (code - offset) * scale (+ minimum)
     has_minimum: bool
-    block_bytes: int  # bytes per GGUF block of 32 values
 
 
 # GGML types whose blocks are kept packed (names of gguf.GGMLQuantizationType members). Others (the
 # K-quants, whose 256-value super-blocks nest 6-bit scales, and float types) are dequantized at load.
 PACKED_FORMATS = {
-    "Q4_0": PackedFormat(bits=4, offset=8, has_minimum=False, block_bytes=18),  # d, 16 bytes of nibbles
-    "Q4_1": PackedFormat(bits=4, offset=0, has_minimum=True, block_bytes=20),  # d, m, 16 bytes of nibbles
-    "Q8_0": PackedFormat(bits=8, offset=128, has_minimum=False, block_bytes=34),  # d, 32 int8
+    "Q4_0": PackedFormat(bits=4, offset=8, has_minimum=False),  # d, 16 bytes of nibbles
+    "Q4_1": PackedFormat(bits=4, offset=0, has_minimum=True),  # d, m, 16 bytes of nibbles
+    "Q8_0": PackedFormat(bits=8, offset=128, has_minimum=False),  # d, 32 int8
 }
+
+
+def block_shape(type_name: str) -> tuple[int, int]:
+    """(values, bytes) per block of a GGML type, from gguf's own table."""
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+
+
+BLOCK = block_shape("Q4_0")[0]  # values per block: 32 for every packable type
 
 
 def packable(type_name: str, shape: tuple[int, ...]) -> bool:
@@ -91,7 +98,8 @@ def split_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tup
     the low nibbles and 16-31 in the high ones; Q8_0 codes are int8 + 128)."""
     fmt = PACKED_FORMATS[type_name]
     out, inner = shape
-    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(out, inner // BLOCK, fmt.block_bytes)
+    block_values, block_bytes = block_shape(type_name)
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(out, inner // block_values, block_bytes)
     scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     minimum = None
     start = 2
@@ -154,6 +162,18 @@ def dequantize(weight: PackedWeight) -> Any:
     values = signed * _per_value(weight.scale)
     if weight.minimum is not None:
         values = values + _per_value(weight.minimum)
+    return values
+
+
+def take_rows(weight: PackedWeight, ids: Any) -> Any:
+    """Rows ``ids`` [...] of the weight as float32 [..., in] (an embedding lookup), unpacking only
+    the words that hold them."""
+    per_word = 32 // weight.bits
+    words = weight.codes[ids // per_word]  # [..., in]
+    shifts = ((ids % per_word).astype(jnp.uint32) * jnp.uint32(weight.bits))[..., None]  # [..., 1]
+    values = _signed_codes(words, weight.bits, weight.offset, shifts) * _per_value(weight.scale[ids])
+    if weight.minimum is not None:
+        values = values + _per_value(weight.minimum[ids])
     return values
 
 

@@ -1,14 +1,19 @@
-"""Checkpoint files -> the parameter pytree of the decoder (see ``expected_param_shapes``).
+"""Checkpoint files -> the decoder's state: a ``model.Decoder`` whose parameters come from the file.
 
-Reads GGUF files (llama.cpp; dequantized with ``gguf.quants``, llama.cpp's Q/K row permutation undone)
-and Hugging Face safetensors directories (single or sharded). Every tensor is shape-checked against
-the ModelConfig before any data is read; layers are stacked on a leading axis for ``lax.scan``; every
-linear weight stays in ``[out, in]`` layout. Holds no model code and no tokenizer code.
+Reads GGUF files (llama.cpp; llama.cpp's Q/K row permutation undone) and Hugging Face safetensors
+directories (single or sharded). The decoder's own module tree is the one source of shapes: every
+file tensor is shape-checked against the abstract ``Decoder(config)`` (``nnx.eval_shape``) before any
+data is read, then the state is filled by path. A GGUF's Q4_0/Q4_1/Q8_0 matrices are kept as their
+block codes where the backend wants them (``backend.keeps_block_codes``), read from the memory-mapped
+file straight into the packed layout; other quantized types are dequantized with ``gguf.quants``.
+Every matrix stays in ``[out, in]`` layout. Holds no model code and no tokenizer code; imports no JAX
+until a load.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,66 +21,43 @@ from typing import Any
 
 import numpy as np
 
-from nbchat.engine.config import ModelConfig, config_from_gguf, config_from_hf
+from nbchat.engine.config import DTYPES, ModelConfig, config_from_gguf, config_from_hf
 from nbchat.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 
-DTYPES = ("float32", "bfloat16")
-
-# GGML tensor types the loader dequantizes (names of gguf.GGMLQuantizationType members). The K-quant
+# GGML tensor types the loader reads (names of gguf.GGMLQuantizationType members). The K-quant
 # mixes (Q4_K_M, Q5_K_M) fall back to Q5_0/Q5_1/Q8_0 for rows that are not a multiple of 256.
 GGUF_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
-# Per-layer tensors: pytree key under "layers" -> (GGUF name, Hugging Face name).
-LAYER_TENSOR_NAMES = {
-    "attn_norm": ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    "q": ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
-    "k": ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
-    "v": ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
-    "o": ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    "q_bias": ("blk.{i}.attn_q.bias", "model.layers.{i}.self_attn.q_proj.bias"),
-    "k_bias": ("blk.{i}.attn_k.bias", "model.layers.{i}.self_attn.k_proj.bias"),
-    "v_bias": ("blk.{i}.attn_v.bias", "model.layers.{i}.self_attn.v_proj.bias"),
-    "mlp_norm": ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    "gate": ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
-    "up": ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    "down": ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
-}
-# Whole-model tensors: pytree key -> (GGUF name, Hugging Face name).
-TOP_TENSOR_NAMES = {
-    "embed": ("token_embd.weight", "model.embed_tokens.weight"),
-    "final_norm": ("output_norm.weight", "model.norm.weight"),
-    "lm_head": ("output.weight", "lm_head.weight"),
+# The float decoder's parameter paths ("{i}" the layer index) -> (GGUF name, Hugging Face name). A
+# packed matrix's codes, scale and minimum come from the tensor of its float path's ``.weight``.
+TENSOR_NAMES = {
+    "embed.weight": ("token_embd.weight", "model.embed_tokens.weight"),
+    "final_norm.weight": ("output_norm.weight", "model.norm.weight"),
+    "lm_head.weight": ("output.weight", "lm_head.weight"),
+    "layers.{i}.attn_norm.weight": ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    "layers.{i}.attn.q.weight": ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    "layers.{i}.attn.k.weight": ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    "layers.{i}.attn.v.weight": ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    "layers.{i}.attn.o.weight": ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    "layers.{i}.attn.q.bias": ("blk.{i}.attn_q.bias", "model.layers.{i}.self_attn.q_proj.bias"),
+    "layers.{i}.attn.k.bias": ("blk.{i}.attn_k.bias", "model.layers.{i}.self_attn.k_proj.bias"),
+    "layers.{i}.attn.v.bias": ("blk.{i}.attn_v.bias", "model.layers.{i}.self_attn.v_proj.bias"),
+    "layers.{i}.mlp_norm.weight": (
+        "blk.{i}.ffn_norm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+    ),
+    "layers.{i}.mlp.gate.weight": ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    "layers.{i}.mlp.up.weight": ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    "layers.{i}.mlp.down.weight": ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
 }
 _GGUF, _HF = 0, 1
+_LAYER_INDEX = re.compile(r"^layers\.(\d+)\.")
+_PACKED_LEAVES = ("codes", "scale", "minimum")  # see model.Matrix
 
 # llama.cpp's converter permutes Q/K rows of these architectures for its interleaved RoPE.
 _GGUF_PERMUTED_ARCHITECTURES = ("llama",)
 # llama.cpp writes Llama 3 RoPE scaling as this tensor; it becomes part of the config, not a param.
 _GGUF_ROPE_FREQS = "rope_freqs.weight"
-
-
-def expected_param_shapes(config: ModelConfig) -> dict[str, Any]:
-    """The parameter pytree's structure with a shape tuple at each leaf (layer tensors without the
-    leading L axis)."""
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    layers: dict[str, tuple[int, ...]] = {
-        "attn_norm": (d,),
-        "q": (q_rows, d),
-        "k": (kv_rows, d),
-        "v": (kv_rows, d),
-        "o": (d, q_rows),
-        "mlp_norm": (d,),
-        "gate": (f, d),
-        "up": (f, d),
-        "down": (d, f),
-    }
-    if config.attention_bias:
-        layers |= {"q_bias": (q_rows,), "k_bias": (kv_rows,), "v_bias": (kv_rows,)}
-    shapes: dict[str, Any] = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (v, d)
-    return shapes
 
 
 def _numpy_dtype(dtype: str) -> np.dtype:
@@ -92,22 +74,69 @@ def _numpy_dtype(dtype: str) -> np.dtype:
     )
 
 
-def _tensor_plan(
-    config: ModelConfig, convention: int
-) -> Iterator[tuple[str, int | None, str, tuple[int, ...]]]:
-    """(pytree key, layer index or None, file tensor name, expected shape) for every parameter."""
-    shapes = expected_param_shapes(config)
-    for key, shape in shapes.items():
-        if key != "layers":
-            yield key, None, TOP_TENSOR_NAMES[key][convention], shape
-    for key, shape in shapes["layers"].items():
-        for i in range(config.num_layers):
-            yield key, i, LAYER_TENSOR_NAMES[key][convention].format(i=i), shape
+def _resolved_dtype(dtype: str | None) -> str:
+    """``dtype``, or the backend's default; a bad one fails before any file is read."""
+    if dtype is None:
+        from nbchat.engine import backend
+
+        dtype = backend.default_dtype()
+    _numpy_dtype(dtype)
+    return dtype
+
+
+def _abstract_decoder(config: ModelConfig, formats: Mapping[str, str], dtype: str) -> Any:
+    """The Decoder with shapes and dtypes only (nothing allocated)."""
+    from flax import nnx
+
+    from nbchat.engine.model import Decoder
+
+    return nnx.eval_shape(lambda: Decoder(config, formats=formats, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def _file_name(path: str, convention: int) -> str:
+    """The file's tensor name for a float parameter path ("layers.3.attn.q.weight")."""
+    match = _LAYER_INDEX.match(path)
+    if match is None:
+        return TENSOR_NAMES[path][convention]
+    pattern = "layers.{i}." + path[match.end() :]
+    return TENSOR_NAMES[pattern][convention].format(i=match.group(1))
+
+
+def _tensor_plan(decoder: Any, convention: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(float parameter path, file tensor name, expected shape) for every parameter of an abstract
+    decoder; a packed matrix is one entry, its float weight's path and logical [out, in] shape."""
+    from flax import nnx
+
+    plan = {}
+    for path, variable in nnx.to_flat_state(nnx.state(decoder)):
+        *module_path, leaf = path
+        if leaf in _PACKED_LEAVES:
+            matrix = decoder
+            for part in module_path:
+                matrix = matrix[part] if isinstance(part, int) else getattr(matrix, part)
+            dotted, shape = _dotted((*module_path, "weight")), (matrix.out_features, matrix.in_features)
+        else:
+            dotted, shape = _dotted(path), tuple(variable.shape)
+        plan[dotted] = (dotted, _file_name(dotted, convention), shape)
+    return list(plan.values())
+
+
+def _layer_paths(config: ModelConfig) -> Iterator[str]:
+    """Every float parameter path the name table knows, layers expanded (biases included)."""
+    for pattern in TENSOR_NAMES:
+        if pattern.startswith("layers.{i}."):
+            yield from (pattern.format(i=i) for i in range(config.num_layers))
+        else:
+            yield pattern
 
 
 def _check_tensors(
+    plan: list[tuple[str, str, tuple[int, ...]]],
     config: ModelConfig,
-    convention: int,
     file_shapes: Mapping[str, tuple[int, ...]],
     ignorable: Callable[[str], bool],
     source: str,
@@ -116,7 +145,7 @@ def _check_tensors(
     one message, before any tensor data is read."""
     problems = []
     expected_names = set()
-    for _, _, name, shape in _tensor_plan(config, convention):
+    for _, name, shape in plan:
         expected_names.add(name)
         if name not in file_shapes:
             problems.append(f"tensor {name!r} is missing")
@@ -139,41 +168,44 @@ def _check_tensors(
 
 
 def _assemble(
-    config: ModelConfig,
-    convention: int,
-    read: Callable[[str, str], np.ndarray],
+    decoder: Any,
     dtype: str,
+    read_float: Callable[[str], np.ndarray],
+    read_packed: Callable[[str], Any] | None,
     progress: bool,
     description: str,
-) -> dict[str, Any]:
-    """Read every tensor into the pytree, one stacked [L, ...] group at a time.
+) -> Any:
+    """The abstract ``decoder`` with every parameter read from the file, one tensor at a time.
 
-    Each group is filled in a host buffer of the target dtype and moved to the device before the
-    next group starts, so the peak is the model once plus one group (never three copies).
-    ``read(name, key)`` returns one tensor as a float array in [out, in] layout.
+    ``read_float(path)`` returns a float parameter as an array in [out, in] layout; ``read_packed(path)``
+    a packed matrix's ``packed.PackedWeight`` (numpy leaves) for the float path of its weight. Each
+    tensor goes to the device before the next is read, so the peak is the model once plus one tensor.
     """
     import jax
+    from flax import nnx
     from tqdm.auto import tqdm
 
     target = _numpy_dtype(dtype)
-    shapes = expected_param_shapes(config)
-    count = sum(1 for _ in _tensor_plan(config, convention))
-    params: dict[str, Any] = {"layers": {}}
-    with tqdm(total=count, desc=description, unit="tensor", disable=not progress, leave=False) as bar:
-        for key in shapes:
-            if key == "layers":
-                continue
-            name = TOP_TENSOR_NAMES[key][convention]
-            params[key] = jax.device_put(np.asarray(read(name, key)).astype(target, copy=False))
+    graphdef, abstract = nnx.split(decoder)
+    flat = list(nnx.to_flat_state(abstract))
+    filled = []
+    packed_weight: tuple[str, Any] = ("", None)  # the matrix whose leaves are being filled
+    with tqdm(total=len(flat), desc=description, unit="tensor", disable=not progress, leave=False) as bar:
+        for path, variable in flat:
+            *module, leaf = map(str, path)
+            if leaf in _PACKED_LEAVES:
+                weight_path = ".".join([*module, "weight"])
+                if packed_weight[0] != weight_path:
+                    packed_weight = (weight_path, read_packed(weight_path))
+                value = getattr(packed_weight[1], leaf)
+            else:
+                value = np.asarray(read_float(_dotted(path))).astype(target, copy=False)
+            if value.shape != variable.shape or value.dtype != variable.dtype:
+                read_as = f"{value.shape} {value.dtype}"
+                raise AssertionError(f"{_dotted(path)}: read {read_as}, expected {variable}")
+            filled.append((path, variable.replace(jax.device_put(value))))
             bar.update()
-        for key, shape in shapes["layers"].items():
-            stacked = np.empty((config.num_layers, *shape), dtype=target)
-            for i in range(config.num_layers):
-                stacked[i] = read(LAYER_TENSOR_NAMES[key][convention].format(i=i), key)
-                bar.update()
-            params["layers"][key] = jax.device_put(stacked)
-            del stacked
-    return params
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,19 +250,20 @@ def _unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def load_gguf(
-    path: str | Path, dtype: str = "float32", progress: bool = True, pack: bool = True
-) -> tuple[ModelConfig, dict[str, Any]]:
-    """Load a llama.cpp GGUF file (architectures llama and qwen2) as (ModelConfig, params).
+    path: str | Path, dtype: str | None = None, progress: bool = True, pack: bool | None = None
+) -> tuple[ModelConfig, Any]:
+    """Load a llama.cpp GGUF file (architectures llama and qwen2) as (ModelConfig, model.Decoder).
 
-    Quantized tensors are dequantized to ``dtype`` ("float32" or "bfloat16"); tensor types other than
-    ``GGUF_TENSOR_TYPES`` raise ``UnsupportedModelError`` naming the tensor and its type. With
-    ``pack``, linear weights stored as Q4_0, Q4_1 or Q8_0 are also kept as their block codes in
-    ``params["packed"]`` (see ``model.py`` and ``packed.py``), which one-token steps read instead:
-    the same values, about half the time per decoded token on SmolLM2-135M.
+    With ``pack`` (default: ``backend.keeps_block_codes()``, true on CPU), matrices stored as Q4_0,
+    Q4_1 or Q8_0 stay in their block codes (``packed.py``): the same values, read from the file
+    without a float copy, about half the time per decoded token on SmolLM2-135M. Every other tensor
+    is dequantized to ``dtype`` ("float32" or "bfloat16"; default: ``backend.default_dtype()``);
+    tensor types other than ``GGUF_TENSOR_TYPES`` raise ``UnsupportedModelError`` naming the tensor
+    and its type.
     """
     from gguf.quants import dequantize
 
-    _numpy_dtype(dtype)  # a bad dtype fails before the file is read
+    dtype = _resolved_dtype(dtype)  # a bad dtype fails before the file is read
     path = Path(path)
     reader = _open_gguf(path)
     metadata = _gguf_metadata(reader, with_tokenizer=False)
@@ -247,79 +280,62 @@ def load_gguf(
                 f"{', '.join(GGUF_TENSOR_TYPES)}. Use a GGUF quantized to one of those (e.g. Q4_K_M, Q8_0)."
             )
 
-    embedding = file_shapes.get(TOP_TENSOR_NAMES["embed"][_GGUF])
+    embedding = file_shapes.get(TENSOR_NAMES["embed.weight"][_GGUF])
     rope_freqs = None
     if _GGUF_ROPE_FREQS in tensors:
         rope_freqs = dequantize(tensors[_GGUF_ROPE_FREQS].data, tensors[_GGUF_ROPE_FREQS].tensor_type)
     config = config_from_gguf(
         metadata,
-        tie_word_embeddings=TOP_TENSOR_NAMES["lm_head"][_GGUF] not in tensors,
+        tie_word_embeddings=TENSOR_NAMES["lm_head.weight"][_GGUF] not in tensors,
         vocab_size=embedding[0] if embedding else None,
         rope_freqs=rope_freqs.reshape(-1).tolist() if rope_freqs is not None else None,
     )
+    formats = {}
+    if pack if pack is not None else _keeps_block_codes():
+        from nbchat.engine import packed
+
+        for param in _layer_paths(config):
+            tensor = tensors.get(_file_name(param, _GGUF))
+            if tensor is not None and packed.packable(tensor.tensor_type.name, file_shapes[tensor.name]):
+                formats[param.removesuffix(".weight")] = tensor.tensor_type.name
+    decoder = _abstract_decoder(config, formats, dtype)
+    plan = _tensor_plan(decoder, _GGUF)
     _check_tensors(
-        config, _GGUF, file_shapes, lambda name: name == _GGUF_ROPE_FREQS, f"GGUF file {path.name}"
+        plan, config, file_shapes, lambda name: name == _GGUF_ROPE_FREQS, f"GGUF file {path.name}"
     )
+    names = {param: name for param, name, _ in plan}
 
-    permuted_heads = {}
-    if config.architecture in _GGUF_PERMUTED_ARCHITECTURES:
-        permuted_heads = {"q": config.num_heads, "k": config.num_kv_heads}
+    def permuted_heads(param: str) -> int | None:
+        """The head count whose rows llama.cpp permuted in this parameter, or None."""
+        if config.architecture not in _GGUF_PERMUTED_ARCHITECTURES:
+            return None
+        if param.endswith(".attn.q.weight"):
+            return config.num_heads
+        return config.num_kv_heads if param.endswith(".attn.k.weight") else None
 
-    def read(name: str, key: str) -> np.ndarray:
-        tensor = tensors[name]
-        values = dequantize(tensor.data, tensor.tensor_type).reshape(file_shapes[name])
-        if key in permuted_heads:
-            values = _unpermute_rows(values, permuted_heads[key])
-        return values
+    def read_float(param: str) -> np.ndarray:
+        tensor = tensors[names[param]]
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(file_shapes[tensor.name])
+        heads = permuted_heads(param)
+        return values if heads is None else _unpermute_rows(values, heads)
 
-    params = _assemble(config, _GGUF, read, dtype, progress, f"Loading {path.name}")
-    if pack:
-        packed_params = _packed_gguf_params(config, tensors, file_shapes, permuted_heads, progress)
-        if packed_params["layers"] or "head" in packed_params:
-            params["packed"] = packed_params
-    return config, params
+    def read_packed(param: str) -> Any:
+        from nbchat.engine import packed
 
-
-def _packed_gguf_params(
-    config: ModelConfig,
-    tensors: Mapping[str, Any],
-    file_shapes: Mapping[str, tuple[int, ...]],
-    permuted_heads: Mapping[str, int],
-    progress: bool,
-) -> dict[str, Any]:
-    """``params["packed"]``: each linear layer weight whose tensors (in every layer) share one
-    packable GGML type, as a PackedWeight stacked on a leading layer axis, and the output head if
-    packable."""
-    import jax
-    from tqdm.auto import tqdm
-
-    from nbchat.engine import packed
-
-    def packed_tensor(name: str, key: str) -> packed.PackedWeight:
-        tensor, shape = tensors[name], file_shapes[name]
-        order = None
-        if key in permuted_heads:  # the rows' new order, as _unpermute_rows reorders values
-            order = _unpermute_rows(np.arange(shape[0]), permuted_heads[key])
+        tensor = tensors[names[param]]
+        shape = file_shapes[tensor.name]
+        heads = permuted_heads(param)
+        order = None if heads is None else _unpermute_rows(np.arange(shape[0]), heads)  # rows' new order
         return packed.packed_from_gguf(tensor.data, tensor.tensor_type.name, shape, order)
 
-    def packable(names: list[str]) -> bool:
-        types = {tensors[name].tensor_type.name for name in names}
-        return len(types) == 1 and packed.packable(types.pop(), file_shapes[names[0]])
+    decoder = _assemble(decoder, dtype, read_float, read_packed, progress, f"Loading {path.name}")
+    return config, decoder
 
-    linear_keys = [key for key, shape in expected_param_shapes(config)["layers"].items() if len(shape) == 2]
-    result: dict[str, Any] = {"layers": {}}
-    with tqdm(linear_keys, desc="Packing weights", unit="tensor", disable=not progress, leave=False) as bar:
-        for key in bar:
-            names = [LAYER_TENSOR_NAMES[key][_GGUF].format(i=i) for i in range(config.num_layers)]
-            if packable(names):
-                per_layer = [packed_tensor(name, key) for name in names]
-                stacked = jax.tree.map(lambda *layers: np.stack(layers), *per_layer)
-                result["layers"][key] = jax.device_put(stacked)
-    head_key = "embed" if config.tie_word_embeddings else "lm_head"
-    head_name = TOP_TENSOR_NAMES[head_key][_GGUF]
-    if packable([head_name]):
-        result["head"] = jax.device_put(packed_tensor(head_name, head_key))
-    return result
+
+def _keeps_block_codes() -> bool:
+    from nbchat.engine import backend
+
+    return backend.keeps_block_codes()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,13 +361,14 @@ def _safetensors_files(directory: Path) -> dict[str, Path]:
 
 
 def load_safetensors_dir(
-    path: str | Path, dtype: str = "float32", progress: bool = True
-) -> tuple[ModelConfig, dict[str, Any]]:
+    path: str | Path, dtype: str | None = None, progress: bool = True
+) -> tuple[ModelConfig, Any]:
     """Load a Hugging Face model directory (config.json + model.safetensors, or shards with
-    model.safetensors.index.json) as (ModelConfig, params) in ``dtype`` ("float32" or "bfloat16")."""
+    model.safetensors.index.json) as (ModelConfig, model.Decoder) with parameters in ``dtype``
+    ("float32" or "bfloat16"; default: ``backend.default_dtype()``)."""
     from safetensors import safe_open
 
-    _numpy_dtype(dtype)
+    dtype = _resolved_dtype(dtype)
     directory = Path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -376,12 +393,15 @@ def load_safetensors_dir(
         def ignorable(name: str) -> bool:
             # Old checkpoints save RoPE's inverse frequencies; tied ones may save the head anyway.
             return name.endswith("rotary_emb.inv_freq") or (
-                config.tie_word_embeddings and name == TOP_TENSOR_NAMES["lm_head"][_HF]
+                config.tie_word_embeddings and name == TENSOR_NAMES["lm_head.weight"][_HF]
             )
 
-        _check_tensors(config, _HF, file_shapes, ignorable, f"Safetensors in {directory}")
+        decoder = _abstract_decoder(config, {}, dtype)
+        plan = _tensor_plan(decoder, _HF)
+        _check_tensors(plan, config, file_shapes, ignorable, f"Safetensors in {directory}")
+        names = {param: name for param, name, _ in plan}
 
-        def read(name: str, key: str) -> np.ndarray:
-            return handle_by_name[name].get_tensor(name)
+        def read_float(param: str) -> np.ndarray:
+            return handle_by_name[names[param]].get_tensor(names[param])
 
-        return config, _assemble(config, _HF, read, dtype, progress, f"Loading {directory.name}")
+        return config, _assemble(decoder, dtype, read_float, None, progress, f"Loading {directory.name}")

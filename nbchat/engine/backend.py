@@ -1,0 +1,106 @@
+"""Backend policy: how the decoder's matrix products are formulated on each JAX backend.
+
+XLA:CPU (jaxlib 0.10) needs tricks that accelerators do not; each lives here with the measurement
+that justifies it (2-core AMD EPYC, SmolLM2-135M: 30 layers, d 576, ffn 1536, vocab 49152; see
+``ENGINE-NOTES.md``), so ``model.py`` reads like the math. GPU and TPU get the plain formulation:
+bfloat16 weights, matmuls accumulating in float32, no packing, no fusion barriers.
+
+Holds no model structure and no weights; decisions are made at trace time (``jax.default_backend()``
+is static), so the compiled program contains only the chosen formulation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nbchat.engine import packed
+
+COMPUTE_DTYPE = jnp.float32  # activations, reductions and accumulations, whatever the weights' dtype
+
+
+def on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def keeps_block_codes() -> bool:
+    """Whether loaders keep a GGUF's Q4_0/Q4_1/Q8_0 block codes packed (``packed.py``) instead of
+    dequantizing them.
+
+    CPU: yes. A decode step reads every weight once, so its speed is the bytes read: with the codes
+    the SmolLM2 step took 17 ms instead of 32 ms with float32 weights (commit ce21028, 0c6e497), and
+    the model is held in 5-6 bits per weight. Accelerators: no; their bfloat16 matmuls are the fast
+    path and the unpacking would only add work.
+    """
+    return on_cpu()
+
+
+def default_dtype() -> str:
+    """The float weights' storage dtype when the caller names none: float32 on CPU, where a bfloat16
+    dot converts ~10x slower than it reads float32 (1-2 GB/s) so narrow storage buys memory only,
+    bfloat16 elsewhere."""
+    return "float32" if on_cpu() else "bfloat16"
+
+
+def compiler_options() -> dict[str, bool]:
+    """XLA options for jitting a step that donates its KV cache.
+
+    On CPU, XLA's default copy insertion copies every donated cache buffer twice per step when a
+    buffer is both read (attention) and updated in place (the new k/v); region analysis proves the
+    read happens first and drops the copies (measured: 37 ms of copies per token at 1024 slots).
+    """
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if on_cpu() else {}
+
+
+def fusion_barrier(x: jax.Array) -> jax.Array:
+    """``x``, computed once into its own buffer before the next op reads it (CPU; elsewhere ``x``).
+
+    XLA:CPU compiles a packed linear (unpacking and a matrix-vector product) into one loop and fuses
+    the ops that produce its input into that loop too, recomputing them for every output row: after
+    the attention that made a SmolLM2 decode step 8 ms slower; with every packed linear's input
+    materialized the step took 17.7 ms instead of 22 (commit 0c6e497). A conditional is a boundary
+    no fusion crosses; the predicate is always true (no float exceeds +inf, NaN included) but XLA
+    cannot know it, so the other branch never runs. (``jax.lax.optimization_barrier`` would say this
+    directly, but XLA:CPU drops barriers before fusion.)
+    """
+    if not on_cpu():
+        return x
+    always_true = jnp.logical_not(x.reshape(-1)[0] > jnp.inf)
+    return jax.lax.cond(always_true, lambda a: a, jnp.zeros_like, x)
+
+
+def _rows(x: jax.Array) -> int:
+    n = 1
+    for size in x.shape[:-1]:
+        n *= size
+    return n
+
+
+def float_linear(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x [..., in] float32 @ weight [out, in].T -> [..., out] float32."""
+    if not on_cpu():
+        # The plain formulation: the weights' dtype in, float32 accumulation out.
+        return jnp.einsum(
+            "...i,oi->...o", x.astype(weight.dtype), weight, preferred_element_type=COMPUTE_DTYPE
+        ).astype(COMPUTE_DTYPE)
+    if weight.dtype != COMPUTE_DTYPE and _rows(x) == 1:
+        # One token with bfloat16 weights: XLA:CPU's dot converts a bfloat16 operand ~10x slower
+        # than it reads float32, while a multiply-reduce loop fusion converts in registers and runs
+        # at memory speed: the point of narrow storage.
+        rows = (weight.astype(COMPUTE_DTYPE) * x.reshape(-1)).sum(axis=-1)  # [out]
+        return rows.reshape(*x.shape[:-1], weight.shape[0])
+    return jnp.einsum("...i,oi->...o", x, weight.astype(COMPUTE_DTYPE))
+
+
+def packed_linear(x: jax.Array, weight: packed.PackedWeight) -> jax.Array:
+    """x [..., in] float32 @ the packed weight [out, in].T -> [..., out] float32.
+
+    One row (decode): the unpacking fused into the matrix-vector product, reading only the codes
+    (its input materialized first: see ``fusion_barrier``). Several rows (prefill): the same fused
+    loop ran 2x slower than a float32 matmul, so the weight is unpacked once into a temporary
+    float32 buffer (a barrier keeps XLA from fusing the unpacking into the matmul) and multiplied;
+    the buffer lives for one product, so no float copy of the weights stays in memory.
+    """
+    if _rows(x) == 1:
+        return packed.linear(fusion_barrier(x), weight)
+    return x @ fusion_barrier(packed.dequantize(weight)).T
