@@ -7,8 +7,8 @@ cause is shown as one ``UsageError`` line and leaves the conversation unchanged.
 
 This module is the IPython-facing part: the traits, the magic, the kernel's conversations and the
 ``%chat`` commands. It must not hold what the other notebook modules do: the options, their help and
-the request (``options.py``), the tools and the exchange loop (``tool_loop.py``), reading a stream
-and the result type (``reply.py``), loading engines (``engines.py``), the cell grammar (``cells.py``)
+the request (``options.py``), the tools (``tool_loop.py``), the turn itself (``nbchat.turns``), the
+result type (``reply.py``), loading engines (``engines.py``), the cell grammar (``cells.py``)
 or drawing output (``render.py``).
 """
 
@@ -47,7 +47,8 @@ from nbchat.notebook.options import (
     suggest,
 )
 from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
-from nbchat.notebook.reply import ChatReply, structured_value
+from nbchat.notebook.reply import ChatReply, chat_reply, structured_value
+from nbchat.turns import run_turn
 
 __all__ = [
     "COMMANDS_HELP",
@@ -240,9 +241,20 @@ class ChatMagics(Magics):
         view = ReplyView(
             format=settings["format"], live=supports_live_updates(self.shell), stream=settings["stream"]
         )
-        metadata = {"model": settings["model"], "conversation": conversation.name, "turn": index}
-        open_stream = partial(self._open_stream, engine)
-        exchange = tool_loop.run_exchange(open_stream, request, view, registry, settings, metadata)
+        base = {"model": settings["model"], "conversation": conversation.name, "turn": index}
+        try:
+            exchange = run_turn(
+                partial(self._open_stream, engine),
+                request,
+                view,
+                registry,
+                run_tools=bool(settings.get("run_tools")),
+                max_tool_steps=settings["max_tool_steps"],
+                metadata=tool_loop.turn_metadata(request, base),
+                how_to_allow=tool_loop.HOW_TO_ALLOW,
+            )
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
         if exchange is None:
             print("Interrupted before the model replied; the conversation is unchanged.")
             return None
@@ -261,7 +273,7 @@ class ChatMagics(Magics):
             code, _ = render.extract_code(text)
             if code.strip():
                 self.shell.set_next_input(code)
-        return exchange.chat_reply(text, value)
+        return chat_reply(exchange, text, value)
 
     def _open_stream(self, engine: Any, request: dict[str, Any]) -> Any:
         """Start a streamed chat completion (one place, so tools and tests can wrap the stream)."""
