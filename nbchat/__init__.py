@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
+    "ChatPanel": "nbchat.notebook.panel",
     "Engine": "nbchat.api",
     "Tool": "nbchat.tools",
     "ToolRegistry": "nbchat.tools",
@@ -28,6 +29,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ChatPanel",
     "ContextLengthError",
     "Engine",
     "InvalidRequestError",
@@ -43,6 +45,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from nbchat.api import Engine
+    from nbchat.notebook.panel import ChatPanel
     from nbchat.tools import Tool, ToolRegistry, tool
 
 

@@ -11,6 +11,8 @@ conversations, settings or displays.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
@@ -44,13 +46,17 @@ def known_models() -> list[tuple[str, str, bool, bool]]:
     return rows
 
 
-def shared_engine(model: str, dtype: str | None) -> Engine:
+_PRINT_NOW = partial(print, flush=True)
+
+
+def shared_engine(model: str, dtype: str | None, *, report: Callable[[str], None] = _PRINT_NOW) -> Engine:
     """The shared engine for ``model``. On first use: load it, compile it with a two-token warm-up
-    reply, and print a one-line summary. A model that cannot load is a one-line UsageError."""
+    reply, and ``report`` each stage in one line (printed; the chat panel shows them in its status
+    line). A model that cannot load is a one-line UsageError."""
     key = (model, dtype)
     if key in _ENGINES:
         return _ENGINES[key]
-    print(f"Loading {model} (first use in this kernel)...", flush=True)
+    report(f"Loading {model} (first use in this kernel)...")
     started = time.perf_counter()
     from nbchat.api import Engine
 
@@ -61,7 +67,7 @@ def shared_engine(model: str, dtype: str | None) -> Engine:
         raise UsageError(f"cannot load model {model!r}: {error}") from None
     _ENGINES[key] = engine
     loaded = time.perf_counter()
-    print("Compiling (first use only)...", flush=True)
+    report("Compiling (first use only)...")
     # Through the public API, so the programs a short chat needs are the ones compiled.
     warm_up = engine.chat.completions.create(
         messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0.0, stream=True
@@ -71,7 +77,7 @@ def shared_engine(model: str, dtype: str | None) -> Engine:
             pass
     done = time.perf_counter()
     timing = f"in {done - started:.1f} s (weights {loaded - started:.1f} s, compile {done - loaded:.1f} s)"
-    print(f"Loaded {engine_summary(engine)} {timing}", flush=True)
+    report(f"Loaded {engine_summary(engine)} {timing}")
     return engine
 
 

@@ -48,7 +48,7 @@ from nbchat.notebook.options import (
 )
 from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, chat_reply, structured_value
-from nbchat.turns import run_turn
+from nbchat.turns import TurnGate, fill_turn, run_turn
 
 __all__ = [
     "COMMANDS_HELP",
@@ -110,6 +110,8 @@ class ChatMagics(Magics):
         self.current = DEFAULT_CONVERSATION
         self._cell_id: str | None = None
         self._keys_this_run: Counter[str] = Counter()
+        # Cells, commands and chat panels take turns on the conversations: one at a time.
+        self.turn_gate = TurnGate()
 
     # --- IPython events ---------------------------------------------------------------------------
 
@@ -140,9 +142,16 @@ class ChatMagics(Magics):
         place, and later %%chat cells continue the conversation.
         %chat COMMAND     -- manage conversations and settings (see %chat help).
         """
-        if cell is None:
-            return self._command(line)
-        return self._chat_cell(line, cell)
+        waiting = partial(print, "Waiting for the chat panel's reply to finish...", flush=True)
+        if not self.turn_gate.acquire(on_wait=waiting):
+            print("Interrupted: the chat panel's reply was stopped (and kept); this cell did not run.")
+            return None
+        try:
+            if cell is None:
+                return self._command(line)
+            return self._chat_cell(line, cell)
+        finally:
+            self.turn_gate.release()
 
     # --- %%chat -----------------------------------------------------------------------------------
 
@@ -259,12 +268,7 @@ class ChatMagics(Magics):
             print("Interrupted before the model replied; the conversation is unchanged.")
             return None
         last = exchange.last
-        turn.reply = exchange.reply
-        turn.interrupted = last.interrupted
-        turn.finish_reason = last.finish_reason
-        turn.usage = exchange.usage
-        turn.model = settings["model"]
-        conversation.put(turn, index)
+        conversation.put(fill_turn(turn, exchange, settings["model"]), index)
         text = turn.reply_text
         value: Any = text
         if settings.get("response_format") and not last.tool_calls:
@@ -295,7 +299,7 @@ class ChatMagics(Magics):
     COMMANDS = tuple(
         (
             "history reset undo retry model models set settings system prompt "
-            "save load conversations tools help"
+            "save load conversations tools panel help"
         ).split()
     )
 
@@ -409,6 +413,15 @@ class ChatMagics(Magics):
         updates = parse_set_words(words)
         if "conversation" in updates:
             self._conversation(updates["conversation"])
+        self.apply_settings(conversation, updates)
+        if "conversation" in updates:
+            self.current = updates["conversation"]
+        shown = ", ".join(f"{key}={value!r}" for key, value in updates.items())
+        print(f"Set {shown} (conversation {conversation.name!r}).")
+
+    def apply_settings(self, conversation: Conversation, updates: dict[str, Any]) -> None:
+        """Make ``updates`` (settings converted to their types, None = remove; ``system``) the
+        conversation's own, as ``%chat set`` does; every value is checked before anything changes."""
         new_settings = {**conversation.settings, **{k: v for k, v in updates.items() if k in SETTINGS}}
         new_settings = {key: value for key, value in new_settings.items() if value is not None}
         # Validate the request fields now, so a bad value fails here and not at the next chat.
@@ -416,10 +429,6 @@ class ChatMagics(Magics):
         conversation.settings = new_settings
         if "system" in updates:
             conversation.system = updates["system"] or None
-        if "conversation" in updates:
-            self.current = updates["conversation"]
-        shown = ", ".join(f"{key}={value!r}" for key, value in updates.items())
-        print(f"Set {shown} (conversation {conversation.name!r}).")
 
     def _cmd_settings(self, rest: str) -> None:
         conversation, words = self._target(rest)
@@ -529,6 +538,16 @@ class ChatMagics(Magics):
             for name, runs, description in rows
         )
         render.show(markdown, text)
+
+    def _cmd_panel(self, rest: str) -> None:
+        """Show a chat panel on the conversation (turns made there and in cells are the same history)."""
+        conversation, words = self._target(rest)
+        self._no_arguments("panel", words)
+        from IPython.display import display
+
+        from nbchat.notebook.panel import ChatPanel
+
+        display(ChatPanel(conversation.name, shell=self.shell))
 
     def _cmd_conversations(self, rest: str) -> None:
         self._no_arguments("conversations", split_words(rest))

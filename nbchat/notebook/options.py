@@ -54,6 +54,7 @@ COMMANDS_HELP = """\
   prompt                  the exact templated prompt of the last reply and its token count
   save FILE / load FILE   write / read the conversation as JSON
   conversations           list the conversations
+  panel                   a chat panel widget on the conversation (shares its history with cells)
   help                    this text
 
 Settings resolve as: cell option > %chat set (per conversation) > %config ChatMagics.<name>.
