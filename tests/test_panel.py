@@ -18,6 +18,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from nbchat.conversation import Conversation
+from nbchat.notebook.engines import loaded_engine
 from nbchat.notebook.markup import markdown_html
 from nbchat.notebook.panel import PENDING_ID, ChatPanel, PanelReplyView
 from tests.test_magics import Chat, configure
@@ -134,7 +135,12 @@ def test_send_streams_deltas_and_stores_the_turn(chat, sent):
     ]
     status = panel.status
     assert status["model"] == chat.magics.model and status["context_length"] == 2048
-    assert status["context_tokens"] == turn.usage["total_tokens"]
+    # The history as the model reads it: the last prompt and the reply, templated.
+    engine = loaded_engine(chat.magics.model, chat.magics.dtype)
+    prompt_ids = engine.render_prompt(panel.messages, continue_final_message=True)[1]
+    assert status["context_tokens"] == len(prompt_ids)
+    assert status["context_tokens"] > turn.usage["prompt_tokens"]
+    assert status["tok_s"] > 0
 
 
 def test_python_send_waits_and_returns_the_reply(chat):

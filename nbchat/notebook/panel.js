@@ -92,7 +92,7 @@ function render({ model, el }) {
     element("option", { value: "output", text: "output" }),
     element("option", { value: "both", text: "source + output" }),
   ]);
-  const attachButton = element("button", { "aria-label": "Attach", title: "Attach a cell (empty: the cell just run)", text: "📎 Attach" });
+  const attachButton = element("button", { "aria-label": "Attach", title: "Attach a cell (empty: the cell just run)", text: "+ Attach" });
   const controls = element("div", { class: "nbchat-controls" }, [
     element("div", { class: "nbchat-attach" }, [attachCell, attachPart, attachButton]),
     element("div", { class: "nbchat-buttons" }, [undoButton, retryButton, stopButton, sendButton]),

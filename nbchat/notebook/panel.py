@@ -365,11 +365,13 @@ class ChatPanel(anywidget.AnyWidget):
         }
         names = [name for name, _, cached, loaded in known_models() if cached or loaded]
         self.model_choices = sorted({*names, effective["model"]})
+        engine = loaded_engine(effective["model"], magics.dtype)
+        messages = conversation.messages(default_system=magics.system_prompt)
         self.status = {
             **self.status,
             "model": effective["model"],
-            "context_length": _context_length(effective["model"], magics.dtype),
-            "context_tokens": _context_tokens(conversation),
+            "context_length": _context_length(engine),
+            "context_tokens": _context_tokens(engine, messages),
         }
 
     def _apply_settings(self, values: dict[str, Any]) -> None:
@@ -412,6 +414,7 @@ class PanelReplyView:
         self.calls: list[ToolCallView] = []
         self.warnings: list[str] = []
         self.redraws = 0
+        self.pieces = 0  # text deltas streamed: one per decoded token the detokenizer could release
         self.started: float | None = None
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -424,6 +427,7 @@ class PanelReplyView:
     def append(self, delta: str) -> None:
         if self.first_token_at is None:
             self.first_token_at = self.clock()
+        self.pieces += 1
         self.text += delta
         self._pending += delta
         self._throttled()
@@ -470,8 +474,9 @@ class PanelReplyView:
         return "".join(pieces)
 
     def tokens_per_second(self, usage: dict[str, Any]) -> float | None:
-        """The reply's decode speed: its tokens after the first over the time since the first."""
-        tokens = usage.get("completion_tokens")
+        """The reply's decode speed: its tokens after the first over the time since the first (an
+        interrupted reply has no usage: its streamed pieces count)."""
+        tokens = usage.get("completion_tokens") or self.pieces
         if not tokens or tokens < 2 or self.first_token_at is None or self.finished_at is None:
             return None
         elapsed = self.finished_at - self.first_token_at
@@ -493,7 +498,8 @@ class PanelReplyView:
 
 def _call_html(call: ToolCallView) -> str:
     state = TOOL_CALL_STATES.get(call.state, call.state)
-    head = f'<div class="nbchat-tool-call">🔧 <code>{html.escape(call.signature())}</code> · {state}</div>'
+    signature = html.escape(call.signature())
+    head = f'<div class="nbchat-tool-call">Tool call <code>{signature}</code> · {state}</div>'
     result = code_html(call.result, "json") if call.result is not None and call.state != "not run" else ""
     note = f'<div class="nbchat-note">{html.escape(call.note)}</div>' if call.note else ""
     return head + result + note
@@ -535,18 +541,22 @@ def _entries(turns: list[Turn]) -> list[dict[str, Any]]:
     return entries
 
 
-def _context_length(model: str, dtype: str | None) -> int | None:
-    engine = loaded_engine(model, dtype)
+def _context_length(engine: Any) -> int | None:
     info = getattr(engine, "model_info", None) if engine is not None else None
     return getattr(info, "context_length", None)
 
 
-def _context_tokens(conversation: Conversation) -> int | None:
-    """Tokens in the context after the last reply: its prompt plus the reply (the last request's)."""
-    if not conversation.turns or not conversation.turns[-1].usage:
+def _context_tokens(engine: Any, messages: list[dict[str, Any]]) -> int | None:
+    """Tokens the history takes in the model's context (its templated prompt), once the model is
+    loaded; None before (or for a backend that cannot tokenize)."""
+    render_prompt = getattr(engine, "render_prompt", None)
+    if render_prompt is None or not messages:
+        return 0 if render_prompt is not None else None
+    try:
+        # The history ends with the reply, which the template renders as a message to continue.
+        return len(render_prompt(messages, continue_final_message=messages[-1]["role"] == "assistant")[1])
+    except NbchatError:
         return None
-    usage = conversation.turns[-1].usage
-    return usage.get("total_tokens") or (usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
 
 
 # --- kernel hooks ---------------------------------------------------------------------------------

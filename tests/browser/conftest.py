@@ -97,6 +97,10 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     root_dir, state = base / "root", base / "state"
     root_dir.mkdir()
     state.mkdir()
+    # No "get notified about Jupyter news?" toast over what the tests look at (and no news fetch).
+    notification = state / "settings" / "@jupyterlab/apputils-extension/notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     token, port = secrets.token_hex(16), free_port()
     env = {
         **os.environ,
