@@ -53,11 +53,12 @@ def main() -> None:
     panel.send("Hi")  # load and compile outside the measurement
 
     runs = []
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         panel.new_chat()
         received.clear()
         sent_at = time.perf_counter()
-        panel.send(PROMPT)
+        # A new prompt each time: no cached prefix beyond the chat template.
+        panel.send(f"Story {repeat + 1}. {PROMPT}")
         deltas = [(at, message) for at, message in received if message["kind"] == "delta"]
         first, last = deltas[0][0], deltas[-1][0]
         usage = panel._conversation.turns[-1].usage or {}
