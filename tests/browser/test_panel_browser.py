@@ -98,8 +98,20 @@ def test_panel_chats_streams_stops_and_shares_the_conversation(lab_page, page, o
     timings["first_reply_cold"] = reply_timing(page)
     assert "tok/s" in panel.locator(".nbchat-status").inner_text()
 
-    # Settings drawer: a long reply allowed.
+    # Copy puts the message's text on the clipboard.
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    panel.locator("[data-role=assistant]").first.get_by_label("Copy", exact=True).first.click()
+    page.wait_for_function("() => document.querySelector('.nbchat-panel [data-copied=true]')")
+    assert page.evaluate("() => navigator.clipboard.readText()") == assistant_text(page).strip()
+
+    # Settings drawer: a bad value is one line and changes nothing; then a long reply is allowed.
     panel.get_by_label("Settings", exact=True).click()
+    panel.get_by_label("Temperature", exact=True).fill("hot")
+    panel.get_by_label("Apply settings", exact=True).click()
+    error = panel.locator(".nbchat-error")
+    error.wait_for()
+    assert error.inner_text() == "temperature must be a number, not 'hot'"
+    panel.get_by_label("Temperature", exact=True).fill("")
     panel.get_by_label("Max tokens", exact=True).fill("600")
     panel.get_by_label("Apply settings", exact=True).click()
     page.wait_for_function(
@@ -108,7 +120,7 @@ def test_panel_chats_streams_stops_and_shares_the_conversation(lab_page, page, o
     panel.get_by_label("Settings", exact=True).click()
 
     # A long reply, then Stop while it streams.
-    message.fill("Write a very long story about a dragon who learns to code. Use many chapters.")
+    message.fill("Write a very long story about a dragon who learns to code <b>HTML</b>. Use many chapters.")
     page.evaluate(WATCH_REPLY)
     page.evaluate(CLICK_SEND)
     page.wait_for_function(
@@ -126,6 +138,8 @@ def test_panel_chats_streams_stops_and_shares_the_conversation(lab_page, page, o
     page.wait_for_timeout(1000)
     assert assistant_text(page) == text_after_stop  # stopped growing
     assert panel.locator("[data-role=assistant]").count() == 2
+    user = panel.locator("[data-role=user]").nth(1)
+    assert "<b>HTML</b>" in user.inner_text() and user.locator("b").count() == 0  # text, never markup
     page.screenshot(path=str(output_dir / "panel-stopped.png"), full_page=True)
 
     # A %%chat cell continues the same conversation; the panel shows its turn.
