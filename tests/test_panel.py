@@ -20,7 +20,8 @@ from IPython.core.error import UsageError
 from nbchat.conversation import Conversation
 from nbchat.notebook.engines import loaded_engine
 from nbchat.notebook.markup import markdown_html
-from nbchat.notebook.panel import PENDING_ID, ChatPanel, PanelReplyView
+from nbchat.notebook.panel import ChatPanel
+from nbchat.notebook.panel_view import PENDING_ID, PanelReplyView
 from tests.test_magics import Chat, configure
 from tests.test_render import RecordingPublisher
 
