@@ -1,4 +1,5 @@
-"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, ``run`` a notebook.
+"""The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, ``run`` a notebook,
+``install-kernel`` (the chat kernel's kernelspec).
 
 A thin client of nbchat.models and nbchat.api, like every other surface.
 """
@@ -33,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_parser.add_argument("notebook", help="path of the .ipynb file")
 
+    kernel_parser = commands.add_parser(
+        "install-kernel", help="install the chat kernel's kernelspec (optionally bound to a model)"
+    )
+    where = kernel_parser.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="into your Jupyter data directory")
+    where.add_argument("--sys-prefix", action="store_true", help=f"into this environment ({sys.prefix})")
+    where.add_argument("--prefix", help="into PREFIX/share/jupyter/kernels")
+    kernel_parser.add_argument("--name", default="nbchat", help="kernelspec name (default: nbchat)")
+    kernel_parser.add_argument("--display-name", help="name shown in the launcher")
+    kernel_parser.add_argument(
+        "--model", help="the kernel's default model: a registry name, a .gguf path, an HF repo id or a URL"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "pull":
@@ -42,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             print_info()
         elif args.command == "chat":
             run_chat(args)
+        elif args.command == "install-kernel":
+            from nbchat.notebook.kernelspec import install
+
+            prefix = sys.prefix if args.sys_prefix else args.prefix
+            target = install(
+                name=args.name,
+                model=args.model,
+                display_name=args.display_name,
+                user=args.user,
+                prefix=prefix,
+            )
+            print(f"Installed kernelspec {args.name!r} in {target}")
         elif args.command == "run":
             from nbchat.notebook.run import run
 

@@ -49,6 +49,10 @@ def supports_live_updates(shell: Any) -> bool:
     """Whether the shell's front end can redraw a display in place (a notebook can, a terminal cannot)."""
     if shell is None:
         return False
+    # A shell that knows its front end says so (the chat kernel: a console cannot redraw, a notebook can).
+    live = getattr(shell, "live_updates", None)
+    if live is not None:
+        return bool(live)
     return not any(cls.__name__ == "TerminalInteractiveShell" for cls in type(shell).__mro__)
 
 

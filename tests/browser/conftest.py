@@ -113,6 +113,13 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     # The root of this checkout first, so kernels import the nbchat under test.
     repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))
+    # This checkout's chat kernelspec ("nbchat", run by this Python), whatever is installed.
+    from nbchat.notebook.kernelspec import install
+
+    install(prefix=str(state))
+    env["JUPYTER_PATH"] = os.pathsep.join(
+        filter(None, [str(state / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")])
+    )
     command = [
         sys.executable, "-m", "jupyterlab",
         "--no-browser",
