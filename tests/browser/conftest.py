@@ -191,11 +191,15 @@ def page(browser, lab):
     context.close()
 
 
-# Finds the open notebook at `path` (in the main area) and its kernel; null parts while loading.
+# Finds the open notebook at `path` (in the main area; no path: the current notebook) and its
+# kernel; null parts while loading.
 _NOTEBOOK_JS = """
-    const notebookAt = (path) => [...window.jupyterapp.shell.widgets('main')].find(
-        (widget) => widget.context && widget.context.path === path && widget.content
-            && widget.content.widgets);
+    const isNotebook = (widget) => !!widget && !!widget.context && !!widget.content
+        && !!widget.content.widgets;
+    const notebookAt = (path) => path === null
+        ? (isNotebook(window.jupyterapp.shell.currentWidget) ? window.jupyterapp.shell.currentWidget : null)
+        : [...window.jupyterapp.shell.widgets('main')].find(
+            (widget) => isNotebook(widget) && widget.context.path === path);
     const kernelOf = (panel) => panel && panel.sessionContext && panel.sessionContext.session
         && panel.sessionContext.session.kernel;
 """
@@ -204,7 +208,8 @@ _NOTEBOOK_JS = """
 class LabPage:
     """JupyterLab steps over a Playwright page, through the app object the lab exposes
     (``window.jupyterapp``) where the UI would be flaky to drive by keyboard. Cell steps act on the
-    notebook :meth:`new_notebook` opened (found by its path, whichever tab is active)."""
+    notebook :meth:`new_notebook` opened (found by its path, whichever tab is active), or else on the
+    current notebook (one opened from the launcher)."""
 
     def __init__(self, page, lab: Lab):
         self.page = page
