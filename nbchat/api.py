@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -221,6 +221,7 @@ class Engine:
         self._load_lock = threading.Lock()
         self._generation_lock = threading.Lock()
         self._generation_thread: int | None = None
+        self._weights_sha256: str | None = None
 
     def __repr__(self) -> str:
         state = "loaded" if self._loaded is not None else "not loaded"
@@ -321,7 +322,7 @@ class Engine:
                    samplings)
         if request.stream:
             return ChatCompletionStream(self._chunks(job, include_usage=request.include_usage))
-        return _collect(self._chunks(job, include_usage=True), logprobs=bool(request.logprobs))
+        return collect_chunks(self._chunks(job, include_usage=True), logprobs=bool(request.logprobs))
 
     def _check_model_name(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
         names = {self.model, loaded.name, str(loaded.source.path), loaded.source.path.name}
@@ -431,6 +432,165 @@ class Engine:
             ],
         )
 
+    # ---- teaching views (nbchat.notebook.views): the tokens, the prompt, the next-token distribution
+    # and what reproduces a reply. Read-only: none of these touches the chat's KV cache.
+
+    def token_pieces(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True,
+                     context_ids: Sequence[int] = ()) -> list[TokenPiece]:
+        """Each token with the text it completes as the stream detokenizer emits it: ``""`` for a
+        token holding only the first bytes of a character (its text comes with the token that
+        completes it), so a split emoji never shows as mojibake."""
+        from nbchat.engine.detokenize import IncrementalDetokenizer
+
+        loaded = self._ensure_loaded()
+        backend = loaded.tokenizer.backend_tokenizer
+        detokenizer = IncrementalDetokenizer(backend, context_ids=context_ids,
+                                             skip_special_tokens=skip_special_tokens)
+        specials = set(loaded.tokenizer.all_special_ids) | {
+            token_id for token_id, added in backend.get_added_tokens_decoder().items() if added.special}
+        pieces = []
+        for token_id in token_ids:
+            text = detokenizer.step(int(token_id))
+            if not skip_special_tokens and int(token_id) in specials and not text:
+                text = self._token_bytes.text(int(token_id))
+            pieces.append(TokenPiece(int(token_id), text, int(token_id) in specials))
+        return pieces
+
+    def token_ids_of(self, token_bytes: Sequence[Sequence[int] | bytes]) -> list[int | None]:
+        """The ids of tokens given by their bytes (a logprob's ``bytes``); None for bytes that are
+        not one token of this model."""
+        self._ensure_loaded()
+        return [self._token_bytes.token_id(bytes(raw)) for raw in token_bytes]
+
+    def prompt_tokens(self, messages: Sequence[Mapping[str, Any]], *,
+                      tools: Sequence[Mapping[str, Any]] | None = None,
+                      chat_template: str | None = None) -> PromptTokens:
+        """The templated prompt of ``messages`` split into its tokens, each with the message it
+        came from: ``part`` "content" inside a message's text, "template" for what the template
+        wrote before it (role headers, special tokens, a default system prompt), and message
+        ``None`` / part "generation" for the assistant header after the last message."""
+        text, ids = self.render_prompt(messages, tools=tools, chat_template=chat_template)
+        loaded = self._ensure_loaded()
+        offsets = loaded.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"]
+        spans, searched = [], 0  # each message's content, found in order in the prompt text
+        for index, message in enumerate(messages):
+            content = message.get("content")
+            content = content.strip() if isinstance(content, str) else ""
+            found = text.find(content, searched) if content else -1
+            if found >= 0:
+                spans.append((index, found, found + len(content)))
+                searched = found + len(content)
+        tokens = []
+        for piece, (start, _) in zip(self.token_pieces(ids, skip_special_tokens=False), offsets, strict=True):
+            owner = next(((index, begin, end) for index, begin, end in spans if start < end), None)
+            if owner is None:
+                message_index, part = None, "generation"
+            else:
+                message_index, part = owner[0], "content" if start >= owner[1] else "template"
+            tokens.append(PromptToken(piece.token_id, piece.text, piece.special, message_index, part))
+        return PromptTokens(text=text, tokens=tokens, context_length=self._generator.context_length)
+
+    def next_token_distribution(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        reply_text: str | None = None,
+        reply_ids: Sequence[int] = (),
+        settings: Sequence[Mapping[str, Any]] = ({},),
+        top: int = 10,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> NextTokenDistribution:
+        """The distribution of the next token of the assistant's reply to ``messages``: the model's
+        own (temperature 1, nothing filtered) and, for each of ``settings`` (request fields:
+        temperature, top_p, top_k, min_p, penalties, logit_bias, seed), the one the sampler draws
+        from, with the token it draws (``seed``; 0 when none). The reply so far is ``reply_text``
+        (tokenized with the prompt) or ``reply_ids`` (exact ids, as step mode picks them)."""
+        import numpy as np
+
+        from nbchat.engine.distribution import next_token_logprobs
+
+        if reply_text:
+            _, prompt_ids = self.render_prompt([*messages, {"role": "assistant", "content": reply_text}],
+                                               tools=tools, continue_final_message=True)
+        else:
+            _, prompt_ids = self.render_prompt(messages, tools=tools)
+            prompt_ids = [*prompt_ids, *(int(token) for token in reply_ids)]
+        if len(prompt_ids) >= self._generator.context_length:
+            raise ContextLengthError(len(prompt_ids), 1, self._generator.context_length)
+        if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= 100:
+            raise InvalidRequestError(f"top must be an integer from 1 to 100, got {top!r}.",
+                                      param="top", code="invalid_value")
+        rows = []
+        for row in settings:
+            request = validate_request({"messages": [{"role": "user", "content": "."}],
+                                        **self._with_defaults(dict(row))})
+            rows.append(self._sampling(request, 0))
+        loaded = self._ensure_loaded()
+        result = next_token_logprobs(loaded.params, loaded.config, prompt_ids, rows,
+                                     generated=len(reply_ids) if not reply_text else 0)
+        order = [int(token) for token in result.raw.argsort()[::-1][:top]]
+
+        def choice(token_id: int, logprob: float) -> TokenChoice:
+            return TokenChoice(token_id, self._token_bytes.text(token_id), float(logprob),
+                               ends_reply=token_id in loaded.stop_ids)
+
+        probabilities = np.exp(result.raw.astype(np.float64))
+        sampled = [
+            SampledDistribution(
+                settings={key: getattr(row, key) for key in ("temperature", "top_p", "top_k", "min_p")},
+                logprobs=[float(after[token]) for token in order],
+                kept=int(np.isfinite(after).sum()),
+                chosen=choice(int(chosen), float(after[int(chosen)])),
+            )
+            for row, after, chosen in zip(rows, result.sampled, result.chosen, strict=True)
+        ]
+        return NextTokenDistribution(
+            prompt_tokens=len(prompt_ids),
+            top=[choice(token, result.raw[token]) for token in order],
+            sampled=sampled,
+            entropy=float(-(probabilities * np.where(probabilities > 0, result.raw, 0.0)).sum()),
+        )
+
+    def reproducible_settings(self, **request: Any) -> dict[str, Any]:
+        """Every setting that decides a reply to ``request`` once the engine's defaults apply: the
+        sampler's (seed included), max_tokens, stop strings and chat template, as JSON values."""
+        validated = validate_request(self._with_defaults(request))
+        self._ensure_loaded()
+        params = self._sampling(validated, 0)
+        return {
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "min_p": params.min_p, "frequency_penalty": params.frequency_penalty,
+            "presence_penalty": params.presence_penalty, "repetition_penalty": params.repetition_penalty,
+            "logit_bias": {str(token): bias for token, bias in params.logit_bias.items()},
+            "seed": params.seed, "max_tokens": validated.completion_token_limit,
+            "stop": list(validated.stop_strings), "chat_template": validated.chat_template,
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies the model a reply came from: its name, file, the file's sha256 (for a
+        directory: of its safetensors files in name order), the dtype and nbchat's version."""
+        from nbchat import __version__
+        from nbchat.models import REGISTRY
+
+        loaded = self._ensure_loaded()
+        if self._weights_sha256 is None:
+            path = loaded.source.path
+            entry = REGISTRY.get(loaded.source.name)
+            if entry is not None and path.name == entry.filename:
+                self._weights_sha256 = entry.sha256  # checked when the file was fetched
+            else:
+                import hashlib
+
+                digest = hashlib.sha256()
+                for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+                    with open(file, "rb") as handle:
+                        while chunk := handle.read(1 << 20):
+                            digest.update(chunk)
+                self._weights_sha256 = digest.hexdigest()
+        return {"model": loaded.name, "file": loaded.source.path.name, "sha256": self._weights_sha256,
+                "dtype": loaded.dtype, "nbchat": __version__}
+
 
 @dataclass(frozen=True)
 class _Job:
@@ -533,7 +693,7 @@ class _Completions:
     def __init__(self, engine: Engine):
         self._engine = engine
 
-    def create(self, **request: Any) -> ChatCompletion | ChatCompletionStream:
+    def create(self, /, **request: Any) -> ChatCompletion | ChatCompletionStream:
         """OpenAI's ``chat.completions.create``: ``messages=[...]`` plus request parameters; see
         ``nbchat.protocol.ChatCompletionRequest`` for every field. Raises InvalidRequestError (or
         ContextLengthError) before any compute when the request is wrong."""
@@ -549,8 +709,10 @@ class _Chat:
 # Collecting a stream into a response
 
 
-def _collect(chunks: Iterator[ChatCompletionChunk], *, logprobs: bool) -> ChatCompletion:
-    """The non-streaming response: the stream's chunks merged per choice."""
+def collect_chunks(chunks: Iterable[ChatCompletionChunk], *, logprobs: bool) -> ChatCompletion:
+    """The non-streaming response: a stream's chunks (its usage chunk included) merged per choice.
+    Public so a caller that must be able to stop a generation early (the HTTP server, when its
+    client disconnects) can stream and collect the same response itself."""
     first: ChatCompletionChunk | None = None
     usage: Usage | None = None
     choices: dict[int, _CollectedChoice] = {}
@@ -615,3 +777,54 @@ def _finite_logprob(logprob: float) -> float:
 
 def _wrap_int64(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
+
+
+# --------------------------------------------------------------------------------------------------
+# What the teaching views read (plain data: the notebook layer draws it without importing JAX)
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    token_id: int
+    text: str  # what the token completes ("" while a character's bytes are incomplete)
+    special: bool
+
+
+@dataclass(frozen=True)
+class PromptToken:
+    token_id: int
+    text: str
+    special: bool
+    message: int | None  # index in the messages; None: the generation prompt after them
+    part: str  # "content", "template" (written by the template before the message) or "generation"
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    text: str
+    tokens: list[PromptToken]
+    context_length: int
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    token_id: int
+    text: str  # the token's own text (OpenAI's logprob ``token``: partial UTF-8 bytes escaped)
+    logprob: float
+    ends_reply: bool = False  # a stop token: drawing it ends the reply
+
+
+@dataclass(frozen=True)
+class SampledDistribution:
+    settings: dict[str, Any]  # temperature, top_p, top_k, min_p
+    logprobs: list[float]  # of NextTokenDistribution.top's tokens under these settings (-inf: never)
+    kept: int  # tokens the sampler may draw
+    chosen: TokenChoice  # the token it draws with the row's seed (its logprob under these settings)
+
+
+@dataclass(frozen=True)
+class NextTokenDistribution:
+    prompt_tokens: int
+    top: list[TokenChoice]  # the most likely next tokens, temperature 1, nothing filtered
+    sampled: list[SampledDistribution]  # one per settings row
+    entropy: float  # of the raw distribution, in nats

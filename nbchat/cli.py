@@ -1,5 +1,5 @@
 """The ``nbchat`` command: ``pull`` a model, show ``info``, ``chat`` in the terminal, ``run`` a notebook,
-``install-kernel`` (the chat kernel's kernelspec).
+``serve`` the OpenAI-compatible HTTP API, ``install-kernel`` (the chat kernel's kernelspec).
 
 A thin client of nbchat.models and nbchat.api, like every other surface.
 """
@@ -7,6 +7,7 @@ A thin client of nbchat.models and nbchat.api, like every other surface.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from collections.abc import Iterable
@@ -33,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         "run", help="execute a notebook in a kernel, printing its chat exchanges"
     )
     run_parser.add_argument("notebook", help="path of the .ipynb file")
+
+    serve_parser = commands.add_parser("serve", help="serve the model over OpenAI's HTTP API")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help="registry name, .gguf, directory")
+    serve_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve_parser.add_argument(
+        "--api-key", default=None, help="require this key (Authorization: Bearer KEY); or $NBCHAT_API_KEY"
+    )
+    serve_parser.add_argument("--access-log", action="store_true", help="uvicorn's access log too")
 
     kernel_parser = commands.add_parser(
         "install-kernel", help="install the chat kernel's kernelspec (optionally bound to a model)"
@@ -72,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             from nbchat.notebook.run import run
 
             return run(args.notebook)
+        elif args.command == "serve":
+            return run_serve(args)
     except NbchatError as error:
         print(f"nbchat: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
@@ -169,6 +182,23 @@ def run_chat(args: argparse.Namespace) -> None:
             yield line
 
     _converse(engine, prompts(), args, messages)
+
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from nbchat.server import serve
+
+    api_key = args.api_key or os.environ.get("NBCHAT_API_KEY") or None
+    if args.host not in _LOOPBACK_HOSTS and api_key is None:
+        print(
+            f"nbchat serve: warning: binding {args.host} with no API key: anyone who can reach this machine "
+            "can use the model. Pass --api-key KEY or set NBCHAT_API_KEY.",
+            file=sys.stderr,
+        )
+    return serve(args.model, host=args.host, port=args.port, api_key=api_key, dtype=args.dtype,
+                 access_log=args.access_log)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ class Turn:
     interrupted: bool = False
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    # What reproduces the reply: model name, file sha256, dtype, every sampling setting and the seed
+    # used (drawn when none was given), and a digest of the messages it answered (``%chat replay``).
+    reproduce: dict[str, Any] | None = None
 
     @property
     def reply_text(self) -> str:

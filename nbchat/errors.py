@@ -59,3 +59,12 @@ class UnsupportedModelError(NbchatError, ValueError):
 
 class EngineBusyError(NbchatError, RuntimeError):
     """A second generation was started on this thread while an earlier stream is still open."""
+
+
+class EndpointError(NbchatError, RuntimeError):
+    """A remote OpenAI-compatible endpoint could not be reached, refused the key, or failed a request
+    in a way that is not the request's fault; ``status`` is its HTTP status, when it answered."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status

@@ -26,3 +26,12 @@ def smollm2():
     from nbchat.models import DEFAULT_MODEL, load
 
     return load(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir):
+    """A real `nbchat serve` of the tiny model on a free loopback port, with an API key (tests/serving.py)."""
+    from tests.serving import running_server
+
+    with running_server(str(tiny_model_dir), api_key="sk-nbchat-test-0123456789") as server:
+        yield server

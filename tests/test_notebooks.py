@@ -7,6 +7,7 @@ written for the test, so the notebooks see the nbchat under test and not some ot
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from nbchat.notebook.render import INTERRUPTED_TEXT
 from nbchat.notebook.run import execute_notebook, kernel_manager, print_exchange
+from tests.html_elements import parse
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +56,23 @@ def quickstart(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sampling(tmp_path_factory):
     return execute("sampling.ipynb", tmp_path_factory.mktemp("sampling"))
+
+
+@pytest.fixture(scope="module")
+def tokens_notebook(tmp_path_factory):
+    return execute("tokens-and-probabilities.ipynb", tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def templates_notebook(tmp_path_factory):
+    return execute("chat-templates.ipynb", tmp_path_factory.mktemp("templates"))
+
+
+def html_output(cell: nbformat.NotebookNode, index: int = -1):
+    """The parsed HTML of a cell's ``index``-th HTML display, and that display."""
+    shown = [out for out in cell.outputs if out.output_type == "display_data" and "text/html" in out.data]
+    assert shown, cell.outputs
+    return parse(shown[index].data["text/html"]), shown[index]
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +290,164 @@ def test_nbchat_run_prints_each_exchange_of_the_quickstart(quickstart):
     assert "Paris" in text.split("user> And what is the capital of Italy?")[0]
     assert "user> And what is the capital of Italy?\nassistant> " in text
     assert "ChatReply(" not in text  # a chat cell's result summary is not printed again
+
+
+# --- the teaching views on the default model ------------------------------------------------------
+
+
+def test_tokens_notebook_runs_without_errors(tokens_notebook):
+    assert_no_errors(tokens_notebook)
+
+
+def assert_reply_tokens(cell: nbformat.NotebookNode) -> list:
+    """The --probs contract: one element per token (usage counts the end-of-turn token too), the
+    reply's text exactly, probabilities in (0, 1], five alternatives sorted, greedy picks the first."""
+    root, output = html_output(cell)
+    metadata = output.metadata["nbchat"]
+    tokens = root.find_all("nbchat-token")
+    assert len(tokens) == metadata["usage"]["completion_tokens"] - (metadata["finish_reason"] == "stop")
+    assert "".join(token.text for token in tokens) == output.data["text/plain"]
+    for token in tokens:
+        assert 0 < math.exp(token.number("data-logprob")) <= 1
+        top = json.loads(token.attrs["data-top"])
+        assert len(top) == 5 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        assert top[0][1] == pytest.approx(token.number("data-logprob"))  # temperature 0
+    return tokens
+
+
+def test_tokens_notebook_shows_the_reply_as_tokens(tokens_notebook):
+    cell = cell_by_source(tokens_notebook, "%%chat --probs\nWhat is the capital of France?")
+    tokens = assert_reply_tokens(cell)
+    assert "Paris" in "".join(token.text for token in tokens)
+
+
+def test_tokens_notebook_prompt_inspector_matches_the_reply_prompt(tokens_notebook):
+    reply = reply_output(cell_by_source(tokens_notebook, "%%chat --probs\nWhat is the capital"))
+    root, _ = html_output(cell_by_source(tokens_notebook, "%chat prompt --tokens"))
+    chips = root.find_all("nbchat-prompt-token")
+    assert len(chips) == reply.metadata["nbchat"]["usage"]["prompt_tokens"]
+    ids = json.loads(printed(cell_by_source(tokens_notebook, "%chat prompt --ids")))
+    assert [int(chip.attrs["data-token-id"]) for chip in chips] == ids
+    specials = {chip.text for chip in chips if chip.attrs["data-special"] == "true"}
+    assert specials == {"<|im_start|>", "<|im_end|>"}
+    question = "".join(chip.text for chip in chips if chip.attrs["data-part"] == "content")
+    assert question == "What is the capital of France? Answer in one short sentence."
+    assert "You are a helpful AI assistant named SmolLM" in "".join(
+        chip.text for chip in chips if chip.attrs["data-part"] == "template"
+    )
+
+
+def test_tokens_notebook_next_token_after_a_reply_start(tokens_notebook):
+    root, _ = html_output(cell_by_source(tokens_notebook, "%chat next --top 8 The capital of France is"))
+    rows = root.find_all("nbchat-next-token")
+    assert len(rows) == 8
+    assert '" Paris"' in rows[0].text and rows[0].number("data-sampled-logprob") == 0
+    assert all(row.number("data-sampled-logprob") == -math.inf for row in rows[1:])
+    raw = [row.number("data-logprob") for row in rows]
+    assert raw == sorted(raw, reverse=True) and math.exp(raw[0]) > 0.5
+
+
+def test_tokens_notebook_groups_an_emoji_split_over_tokens(tokens_notebook):
+    cell = cell_by_source(tokens_notebook, "%%chat --new --probs --max-tokens 24")
+    tokens = assert_reply_tokens(cell)
+    assert not any("\ufffd" in token.text for token in tokens)
+    groups = html_output(cell)[0].find_all("nbchat-char")
+    if reply_output(cell).metadata["nbchat"]["finish_reason"] == "length" and groups[-1].text == "":
+        assert groups[-1].attrs["title"].startswith("an unfinished character")  # cut inside the bytes
+        groups = groups[:-1]
+    assert groups and all(group.text.strip() == "😊" for group in groups)
+    assert all(len(group.find_all("nbchat-token")) >= 2 for group in groups)
+
+
+def test_tokens_notebook_replay_reproduces_a_sampled_reply(tokens_notebook):
+    reply = reply_output(cell_by_source(tokens_notebook, "%%chat --new --temperature 0.9"))
+    record = reply.metadata["nbchat"]["reproduce"]
+    assert record["seed_drawn"] is True and record["settings"]["temperature"] == 0.9
+    assert record["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    replay = cell_by_source(tokens_notebook, "%chat replay")
+    shown = next(out for out in replay.outputs if out.output_type == "display_data")
+    assert shown.metadata["nbchat"]["replay"]["identical"] is True
+    assert shown.metadata["nbchat"]["replay"]["text"] == reply.data["text/plain"]
+    line = printed(cell_by_source(tokens_notebook, "%chat save octopus.json"))
+    assert f"float32 seed {record['seed']} drawn: True" in line
+
+
+def test_templates_notebook_renders_one_conversation_three_ways(templates_notebook):
+    assert_no_errors(templates_notebook)
+    text = printed(cell_by_source(templates_notebook, 'for name in ["chatml", "llama-3", "llama-2"]'))
+    counts = {line.split(":")[0][4:]: int(line.split(": ")[1].split()[0]) for line in text.splitlines()
+              if line.startswith("--- ")}
+    assert set(counts) == {"chatml", "llama-3", "llama-2"}
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
+    assert "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>" in text
+    system = "<<SYS>>\nYou are a concise assistant.\n<</SYS>>\n\n"
+    assert f"[INST] {system}What is the capital of France? [/INST]" in text
+    own = printed(cell_by_source(templates_notebook, "text, ids = engine.render_prompt(conversation)"))
+    assert own.endswith(f"{counts['chatml']} tokens\n")  # SmolLM2's own template is ChatML
+
+
+def test_templates_notebook_token_chips_show_which_markers_are_special(templates_notebook):
+    chatml, _ = html_output(cell_by_source(templates_notebook, "%chat prompt --tokens --template chatml"))
+    llama3, _ = html_output(cell_by_source(templates_notebook, "%chat prompt --tokens --template llama-3"))
+    chatml_chips = chatml.find_all("nbchat-prompt-token")
+    llama3_chips = llama3.find_all("nbchat-prompt-token")
+    special = [chip.text for chip in chatml_chips if chip.attrs["data-special"] == "true"]
+    assert special.count("<|im_start|>") == 5 and special.count("<|im_end|>") == 4
+    # Llama 3's markers are not tokens of this model: they are spelled out in ordinary pieces.
+    assert [chip.text for chip in llama3_chips if chip.attrs["data-special"] == "true"] == ["<|im_start|>"]
+    assert len(llama3_chips) > 2 * len(chatml_chips)
+    replies = printed(cell_by_source(templates_notebook, 'for name in ["chatml", "llama-2"]'))
+    assert replies.startswith("chatml: ") and "\nllama-2: " in replies
+
+
+def test_sampling_notebook_next_token_charts_per_temperature(sampling):
+    root, _ = html_output(cell_by_source(sampling, "%chat next --top 8 --temperature 0.3,1,2"))
+    charts = root.find_all("nbchat-chart")
+    assert [json.loads(chart.attrs["data-settings"])["temperature"] for chart in charts] == [0.3, 1, 2]
+    top = [chart.find_all("nbchat-next-token")[0] for chart in charts]
+    sampled = [math.exp(row.number("data-sampled-logprob")) for row in top]
+    assert sampled[0] > sampled[1] > sampled[2]  # the top token's share falls as the temperature rises
+    assert sampled[1] == pytest.approx(math.exp(top[1].number("data-logprob")), rel=1e-4)
+    top_p, _ = html_output(cell_by_source(sampling, "%chat set top_p=0.5"))
+    rows = top_p.find_all("nbchat-next-token")
+    kept = [math.exp(row.number("data-sampled-logprob")) for row in rows]
+    assert sum(kept) == pytest.approx(1.0, abs=1e-4) and kept.count(0.0) >= len(kept) - 3
+
+
+def test_sampling_notebook_compare_columns(sampling):
+    greedy = reply_output(cell_by_source(sampling, "%%chat --new --temperature 0 --max-tokens 24")).data
+    root, output = html_output(cell_by_source(sampling, '%%chat --new --compare "temperature=0,0.7,1.4"'))
+    columns = root.find_all("nbchat-compare-column")
+    assert [json.loads(column.attrs["data-settings"]) for column in columns] == [
+        {"temperature": 0.0}, {"temperature": 0.7}, {"temperature": 1.4}
+    ]
+    texts = [column.find_all("nbchat-compare-text")[0].text for column in columns]
+    assert texts[0] == greedy["text/plain"]
+    assert all(int(column.attrs["data-completion-tokens"]) <= 24 for column in columns)
+    means = [column.number("data-mean-logprob") for column in columns]
+    assert means[2] < means[0]  # a hot reply is made of tokens the model found unlikely
+    seeds, output = html_output(cell_by_source(sampling, '%%chat --new --compare "seed=1,2,3" --keep 2'))
+    assert output.metadata["nbchat"]["compare"]["keep"] == 2
+    columns = seeds.find_all("nbchat-compare-column")
+    assert len({column.find_all("nbchat-compare-text")[0].text for column in columns}) == 3
+
+
+def test_sampling_notebook_step_mode_and_pick_branch_the_reply(sampling):
+    first, _ = html_output(cell_by_source(sampling, "%%chat --new --step --temperature 0"))
+    greedy = reply_output(cell_by_source(sampling, "%%chat --new --temperature 0 --max-tokens 24")).data
+    three, shown = html_output(cell_by_source(sampling, "%chat step 3"))
+    ids = shown.metadata["nbchat"]["step"]["token_ids"]
+    assert len(ids) == 3 and int(first.find_all("nbchat-next-token")[0].attrs["data-token-id"]) == ids[0]
+    stepped = "".join(token.text for token in three.find_all("nbchat-token"))
+    assert greedy["text/plain"].startswith(stepped)  # greedy steps are the greedy reply
+    second = int(three.find_all("nbchat-next-token")[1].attrs["data-token-id"])
+    picked, shown = html_output(cell_by_source(sampling, "%chat step --pick 2"))
+    assert shown.metadata["nbchat"]["step"]["token_ids"] == [*ids, second]
+    branched = "".join(token.text for token in picked.find_all("nbchat-token"))
+    assert not greedy["text/plain"].startswith(branched)
+    final, shown = html_output(cell_by_source(sampling, "%chat step 4"))
+    text = "".join(token.text for token in final.find_all("nbchat-token"))
+    assert text.startswith(branched) and len(shown.metadata["nbchat"]["step"]["token_ids"]) == 8
+    history = cell_by_source(sampling, "%chat history")
+    transcript = next(out.data["text/plain"] for out in history.outputs if out.output_type == "display_data")
+    assert transcript.endswith(f"assistant: {text}")

@@ -102,6 +102,15 @@ class TokenBytes:
         self._metaspace = bool({"Metaspace", "Replace"} & decoder_types)
         self._byte_fallback = "ByteFallback" in decoder_types
         self.bytes = lru_cache(maxsize=65536)(self._bytes)
+        self._ids_by_bytes: dict[bytes, int] | None = None
+
+    def token_id(self, raw: bytes) -> int | None:
+        """The id of the token whose bytes are ``raw``: the inverse of ``bytes`` (the lowest id when
+        an added token spells the same text as a vocabulary token), None for no single token."""
+        if self._ids_by_bytes is None:
+            size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+            self._ids_by_bytes = {self._bytes(token_id): token_id for token_id in reversed(range(size))}
+        return self._ids_by_bytes.get(bytes(raw))
 
     def text(self, token_id: int) -> str:
         return self.bytes(token_id).decode("utf-8", errors="backslashreplace")

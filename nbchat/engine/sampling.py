@@ -248,6 +248,28 @@ def choose(
     candidate_logits, candidate_ids = jax.lax.optimization_barrier(jax.lax.top_k(processed, n_candidates))
     greedy = candidate_ids[:, 0]
 
+    scaled, candidates, keep = _scaled_candidates(processed, candidate_logits, settings)
+
+    truncated_key, full_key = jax.random.split(key)
+    picked = jax.random.categorical(truncated_key, jnp.where(keep, candidates, -jnp.inf), axis=-1)
+    truncated = jnp.take_along_axis(candidate_ids, picked[:, None], axis=-1)[:, 0]
+    filtered = (settings.top_k > 0) | (settings.top_p < 1.0) | (settings.min_p > 0.0)
+    full = jax.lax.cond(  # on CPU a cond runs one branch: skipped for greedy and filtered rows
+        jnp.any((settings.temperature > 0.0) & ~filtered),
+        lambda: sample_whole_vocabulary(full_key, scaled),
+        lambda: jnp.zeros((B,), jnp.int32),
+    )
+    sampled = jnp.where(filtered, truncated, full)
+    token_ids = jnp.where(settings.temperature == 0.0, greedy, sampled).astype(jnp.int32)
+    return token_ids, candidate_ids, candidate_logits
+
+
+def _scaled_candidates(
+    processed: jax.Array, candidate_logits: jax.Array, settings: SamplingArrays
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The logits divided by the temperature ([B, V]), the candidates' too ([B, K], descending) and
+    which candidates top_k, top_p and min_p keep ([B, K] bool): step 5's filtering."""
+    n_candidates = candidate_logits.shape[-1]
     temperature = jnp.maximum(settings.temperature, 1e-6)[:, None]  # [B, 1]; 0 handled by `greedy`
     scaled = processed / temperature  # [B, V]
     candidates = candidate_logits / temperature  # [B, K], still descending
@@ -264,19 +286,24 @@ def choose(
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= (mass_before < settings.top_p[:, None]) | (rank == 0)
     keep &= candidates >= candidates[:, :1] + jnp.log(settings.min_p)[:, None]  # log(0) = -inf keeps all
+    return scaled, candidates, keep
 
-    truncated_key, full_key = jax.random.split(key)
-    picked = jax.random.categorical(truncated_key, jnp.where(keep, candidates, -jnp.inf), axis=-1)
-    truncated = jnp.take_along_axis(candidate_ids, picked[:, None], axis=-1)[:, 0]
+
+def sampling_logprobs(processed: jax.Array, settings: SamplingArrays) -> jax.Array:
+    """The log-probabilities of the distribution ``choose`` draws from: processed logits [B, V] ->
+    [B, V] float32, -inf for every token the temperature 0 / top_k / top_p / min_p filtering rules
+    out (temperature 0: the argmax has log-probability 0). For teaching views; not on the hot path."""
+    B, V = processed.shape
+    candidate_logits, candidate_ids = jax.lax.top_k(processed, min(MAX_CANDIDATES, V))
+    scaled, candidates, keep = _scaled_candidates(processed, candidate_logits, settings)
     filtered = (settings.top_k > 0) | (settings.top_p < 1.0) | (settings.min_p > 0.0)
-    full = jax.lax.cond(  # on CPU a cond runs one branch: skipped for greedy and filtered rows
-        jnp.any((settings.temperature > 0.0) & ~filtered),
-        lambda: sample_whole_vocabulary(full_key, scaled),
-        lambda: jnp.zeros((B,), jnp.int32),
-    )
-    sampled = jnp.where(filtered, truncated, full)
-    token_ids = jnp.where(settings.temperature == 0.0, greedy, sampled).astype(jnp.int32)
-    return token_ids, candidate_ids, candidate_logits
+    kept = jnp.where(keep, candidates, -jnp.inf)
+    rows = jnp.arange(B)[:, None]
+    truncated = jnp.full((B, V), -jnp.inf).at[rows, candidate_ids].set(jax.nn.log_softmax(kept, axis=-1))
+    full = jax.nn.log_softmax(scaled, axis=-1)
+    greedy = jnp.where(jnp.arange(V)[None, :] == candidate_ids[:, :1], 0.0, -jnp.inf)
+    sampled = jnp.where(filtered[:, None], truncated, full)
+    return jnp.where((settings.temperature == 0.0)[:, None], greedy, sampled)
 
 
 def sample(

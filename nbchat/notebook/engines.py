@@ -1,11 +1,12 @@
-"""The engines loaded in this kernel (one ``nbchat.api.Engine`` per model and dtype, shared), and the
-models it knows.
+"""The engines loaded in this kernel (one ``nbchat.api.Engine`` per model and dtype, shared; one
+``nbchat.remote.RemoteEngine`` per endpoint URL), and the models it knows.
 
 Loading a model is slow, so every conversation, every re-load of the extension and every surface in
 the kernel shares one engine per model and dtype. The first use loads it (the loader shows progress
 bars), compiles it with a two-token warm-up reply and prints a one-line summary. Importing this
-module imports no JAX: ``nbchat.api`` is imported on the first load. Nothing here knows about
-conversations, settings or displays.
+module imports no JAX: ``nbchat.api`` is imported on the first load, and a model written as a URL
+(``http://host:8000/v1``, ``NAME@URL``) is a remote endpoint, which loads nothing. Nothing here knows
+about conversations, settings or displays.
 """
 
 from __future__ import annotations
@@ -18,13 +19,50 @@ from typing import TYPE_CHECKING
 from IPython.core.error import UsageError
 
 from nbchat.errors import NbchatError
-from nbchat.models import REGISTRY, cached_models
+from nbchat.models import DEFAULT_MODEL, REGISTRY, cached_models
+from nbchat.remote import RemoteEngine, split_endpoint
 
 if TYPE_CHECKING:
     from nbchat.api import Engine
 
 # Engines loaded in this process, by (model, dtype); a dtype of None is the engine's default.
 _ENGINES: dict[tuple[str, str | None], Engine] = {}
+# Remote endpoints used in this process, by (model as written, API key given): clients, nothing loaded.
+_REMOTE: dict[tuple[str, str | None], RemoteEngine] = {}
+
+
+def backend_model(model: str, base_url: str | None) -> str:
+    """The model a chat uses, given ``ChatMagics.base_url``: a URL stays as it is; with a base URL set,
+    the default model means the endpoint's first model and any other NAME means ``NAME@base_url``."""
+    if not base_url or split_endpoint(model) is not None:
+        return model
+    return base_url if model == DEFAULT_MODEL else f"{model}@{base_url}"
+
+
+def remote_engine(model: str, api_key: str | None = None) -> RemoteEngine:
+    """The client of the endpoint ``model`` names (``URL`` or ``NAME@URL``); contacts nothing yet."""
+    key = (model, api_key)
+    if key not in _REMOTE:
+        name, url = split_endpoint(model)
+        _REMOTE[key] = RemoteEngine(url, model=name, api_key=api_key)
+    return _REMOTE[key]
+
+
+def remote_models(models: list[str], api_key: str | None = None) -> list[tuple[str, str, bool, bool]]:
+    """``known_models()`` rows for the endpoints among ``models`` and those used in this kernel: each
+    model an endpoint serves as ``NAME@URL``, or one row saying why the endpoint did not answer."""
+    endpoints = {split_endpoint(model)[1]: model for model in models if split_endpoint(model) is not None}
+    endpoints.update({engine.base_url: model for (model, _), engine in _REMOTE.items()})
+    rows = []
+    for url, model in endpoints.items():
+        engine = remote_engine(model, api_key)
+        try:
+            served = engine.models()
+        except NbchatError as error:
+            rows.append((url, f"not reachable: {error}", False, False))
+            continue
+        rows += [(f"{name}@{url}", f"served at {url}", False, True) for name in served]
+    return rows
 
 
 def loaded_engine(model: str, dtype: str | None) -> Engine | None:
@@ -49,10 +87,15 @@ def known_models() -> list[tuple[str, str, bool, bool]]:
 _PRINT_NOW = partial(print, flush=True)
 
 
-def shared_engine(model: str, dtype: str | None, *, report: Callable[[str], None] = _PRINT_NOW) -> Engine:
+def shared_engine(
+    model: str, dtype: str | None, *, api_key: str | None = None, report: Callable[[str], None] = _PRINT_NOW
+) -> Engine | RemoteEngine:
     """The shared engine for ``model``. On first use: load it, compile it with a two-token warm-up
     reply, and ``report`` each stage in one line (printed; the chat panel shows them in its status
-    line). A model that cannot load is a one-line UsageError."""
+    line). A model that cannot load is a one-line UsageError. A model written as a URL is the
+    endpoint's client (``api_key`` is for it): nothing loads."""
+    if split_endpoint(model) is not None:
+        return remote_engine(model, api_key)
     key = (model, dtype)
     if key in _ENGINES:
         return _ENGINES[key]
@@ -81,7 +124,13 @@ def shared_engine(model: str, dtype: str | None, *, report: Callable[[str], None
     return engine
 
 
-def engine_summary(engine: Engine) -> str:
-    """One line about a loaded engine: model, dtype, device and context length."""
+def engine_summary(engine: Engine | RemoteEngine) -> str:
+    """One line about a loaded engine: model, dtype, device and context length (model and URL for an
+    endpoint)."""
+    if isinstance(engine, RemoteEngine):
+        try:
+            return f"{engine.model} at {engine.base_url} (remote endpoint)"
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
     info = engine.model_info
     return f"{info.name} · {info.dtype} · {info.device} · context {info.context_length} tokens"

@@ -14,6 +14,7 @@ or drawing output (``render.py``).
 
 from __future__ import annotations
 
+import html
 import json
 from collections import Counter
 from functools import partial
@@ -26,9 +27,16 @@ from traitlets import Bool, Enum, Float, Int, List, Unicode
 from nbchat.conversation import Conversation, ConversationError, Turn
 from nbchat.errors import InvalidRequestError, NbchatError
 from nbchat.models import DEFAULT_MODEL
-from nbchat.notebook import render, tool_loop
+from nbchat.notebook import render, teaching, tool_loop, views
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
-from nbchat.notebook.engines import engine_summary, known_models, loaded_engine, shared_engine
+from nbchat.notebook.engines import (
+    backend_model,
+    engine_summary,
+    known_models,
+    loaded_engine,
+    remote_models,
+    shared_engine,
+)
 from nbchat.notebook.options import (
     COMMANDS_HELP,
     HELP_EPILOG,
@@ -39,7 +47,9 @@ from nbchat.notebook.options import (
     cell_arguments,
     cell_options,
     check_variable_name,
+    check_view_options,
     parse_set_words,
+    parse_setting,
     pop_conversation_option,
     pydantic_model_class,
     split_names,
@@ -48,6 +58,7 @@ from nbchat.notebook.options import (
 )
 from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
 from nbchat.notebook.reply import ChatReply, chat_reply, structured_value
+from nbchat.remote import api_key_and_source, is_endpoint, mask_key
 from nbchat.turns import TurnGate, fill_turn, run_turn
 
 __all__ = [
@@ -71,7 +82,19 @@ class ChatMagics(Magics):
     """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages."""
 
     model = Unicode(
-        DEFAULT_MODEL, help="Model for new chats: a registry name, a .gguf path or a model directory."
+        DEFAULT_MODEL,
+        help="Model for new chats: a registry name, a .gguf path, a model directory, or an OpenAI-compatible "
+        "endpoint's URL (http://host:8000/v1, or NAME@URL for one of its models).",
+    ).tag(config=True)
+    base_url = Unicode(
+        None, allow_none=True,
+        help="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) that serves every chat whose model is "
+        "not itself a URL: the default model means the endpoint's first, NAME means NAME there.",
+    ).tag(config=True)
+    api_key = Unicode(
+        None, allow_none=True,
+        help="API key for remote endpoints; None: $NBCHAT_API_KEY, else $OPENAI_API_KEY. Never saved "
+        "with a conversation, shown masked.",
     ).tag(config=True)
     dtype = Unicode(
         None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
@@ -112,6 +135,7 @@ class ChatMagics(Magics):
         self._keys_this_run: Counter[str] = Counter()
         # Cells, commands and chat panels take turns on the conversations: one at a time.
         self.turn_gate = TurnGate()
+        self._steps: dict[str, teaching.StepState] = {}  # replies in step mode, by conversation
 
     # --- IPython events ---------------------------------------------------------------------------
 
@@ -184,17 +208,29 @@ class ChatMagics(Magics):
         index = len(conversation) if index is None else index
         cell_system = args.system if args.system is not None else parsed.system
         turn = Turn(prompt=prompt, key=key, system=cell_system, options=options)
-        reply = self._generate(
-            conversation, index, turn, settings, show_prompt=args.show_prompt, schema_class=schema_class
-        )
-        if reply is None:
+        check_view_options(args)
+        if args.compare is not None:
+            reply = self._compare(conversation, index, turn, settings, args.compare, args.keep)
+        elif args.step:
+            reply = self._start_step(conversation, index, turn, settings)
+        else:
+            reply = self._generate(
+                conversation,
+                index,
+                turn,
+                settings,
+                show_prompt=args.show_prompt,
+                schema_class=schema_class,
+                probs=args.probs,
+            )
+        if reply is None and not args.step:
             return None
         if index == 0 and cell_system is not None:
             # The cell that starts a conversation sets its system prompt for the cells that follow.
             conversation.system = cell_system
             turn.system = None
         self.conversations[name] = conversation
-        if args.out is not None:
+        if args.out is not None and reply is not None:
             self.shell.user_ns[args.out] = reply.value
         return reply
 
@@ -237,6 +273,7 @@ class ChatMagics(Magics):
         *,
         show_prompt: bool,
         schema_class: type | None = None,
+        probs: bool = False,
     ) -> ChatReply | None:
         """Generate ``turn``'s reply at position ``index`` (tool steps included, ``tool_loop``),
         showing it as it streams; store the turn. The requests are checked before the model loads.
@@ -244,22 +281,44 @@ class ChatMagics(Magics):
         messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
         registry = tool_loop.tools_for(conversation, settings.get("tools") or [], self.shell.user_ns)
         request = tool_loop.first_request(messages, settings, registry)
-        engine = shared_engine(settings["model"], self.dtype)
+        engine = self._engine_for(settings["model"])
+        if probs:
+            teaching.require_local(engine, "--probs")
         if show_prompt:
             self._show_prompt(engine, messages, tools=request.get("tools"))
         view = ReplyView(
             format=settings["format"], live=supports_live_updates(self.shell), stream=settings["stream"]
         )
-        base = {"model": settings["model"], "conversation": conversation.name, "turn": index}
+        # Every reply is reproducible: the seed it used is drawn here when none was given.
+        seed, drawn = teaching.draw_seed(settings["seed"])
+        reproduce = teaching.reproduce_record(engine, request, seed, drawn)
+        extra: dict[str, Any] = {"seed": seed}
+        if probs:
+            extra.update(logprobs=True, top_logprobs=teaching.PROBS_TOP_LOGPROBS)
+        recorders: list[teaching.LogprobRecorder] = []
+
+        def open_stream(step_request: dict[str, Any]) -> Any:
+            stream = self._open_stream(engine, {**step_request, **extra})
+            if probs:
+                recorders.append(teaching.LogprobRecorder(stream))
+                return recorders[-1]
+            return stream
+
+        metadata = {
+            "model": settings["model"],
+            "conversation": conversation.name,
+            "turn": index,
+            "reproduce": reproduce,
+        }
         try:
             exchange = run_turn(
-                partial(self._open_stream, engine),
+                open_stream,
                 request,
                 view,
                 registry,
                 run_tools=bool(settings.get("run_tools")),
                 max_tool_steps=settings["max_tool_steps"],
-                metadata=tool_loop.turn_metadata(request, base),
+                metadata=tool_loop.turn_metadata(request, metadata),
                 how_to_allow=tool_loop.HOW_TO_ALLOW,
             )
         except NbchatError as error:
@@ -267,6 +326,14 @@ class ChatMagics(Magics):
         if exchange is None:
             print("Interrupted before the model replied; the conversation is unchanged.")
             return None
+        if probs and recorders:
+            ended = (
+                "then the end-of-turn token, which shows no text"
+                if exchange.last.finish_reason == "stop"
+                else ""
+            )
+            view.add_to_final(teaching.probs_bundle(engine, recorders[-1].content, note=ended))
+        turn.reproduce = reproduce
         last = exchange.last
         conversation.put(fill_turn(turn, exchange, settings["model"]), index)
         text = turn.reply_text
@@ -279,15 +346,26 @@ class ChatMagics(Magics):
                 self.shell.set_next_input(code)
         return chat_reply(exchange, text, value)
 
+    def _engine_for(self, model: str, **load_options: Any) -> Any:
+        """The chat backend of ``model``: the shared local engine, or a remote endpoint's client
+        (``load_options``: ``shared_engine``'s, e.g. where a first load reports its progress)."""
+        backend = backend_model(model, self.base_url)
+        return shared_engine(backend, self.dtype, api_key=self.api_key, **load_options)
+
     def _open_stream(self, engine: Any, request: dict[str, Any]) -> Any:
         """Start a streamed chat completion (one place, so tools and tests can wrap the stream)."""
         return engine.chat.completions.create(**request)
 
     def _show_prompt(
-        self, engine: Any, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        engine: Any,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         try:
-            text, ids = engine.render_prompt(messages, tools=tools)
+            text, ids = engine.render_prompt(messages, tools=tools, chat_template=chat_template)
         except NbchatError as error:
             raise UsageError(str(error)) from None
         count = f"{len(ids)} tokens"
@@ -298,7 +376,7 @@ class ChatMagics(Magics):
     # Each command NAME is the method _cmd_NAME(rest of the line); listed in this order.
     COMMANDS = tuple(
         (
-            "history reset undo retry model models set settings system prompt "
+            "history reset undo retry model models set settings system prompt next step replay "
             "save load conversations tools panel help"
         ).split()
     )
@@ -367,7 +445,7 @@ class ChatMagics(Magics):
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         args = self.chat.parser.parse_args(words)  # type: ignore[attr-defined]
-        if args.new or args.system is not None or args.out or args.help:
+        if args.new or args.system is not None or args.out or args.help or args.compare or args.step:
             raise UsageError(
                 "%chat retry accepts sampling and display options only (e.g. --seed 3, --temperature 1)"
             )
@@ -376,24 +454,64 @@ class ChatMagics(Magics):
         settings = self._settings(conversation, options)
         turn = Turn(prompt=last.prompt, key=last.key, system=last.system, options=options)
         return self._generate(
-            conversation, len(conversation) - 1, turn, settings, show_prompt=args.show_prompt
+            conversation,
+            len(conversation) - 1,
+            turn,
+            settings,
+            show_prompt=args.show_prompt,
+            probs=args.probs,
         )
 
     def _cmd_model(self, rest: str) -> None:
         words = split_words(rest)
+        api_key = None
+        if "--api-key" in words:
+            at = words.index("--api-key")
+            if at + 1 >= len(words):
+                raise UsageError("--api-key needs the key")
+            api_key = words[at + 1]
+            del words[at : at + 2]
         if len(words) > 1:
-            raise UsageError("%chat model takes one model name (quote a path with spaces)")
+            raise UsageError("%chat model takes one model name or URL (quote a path with spaces)")
         if not words:
-            engine = loaded_engine(self.model, self.dtype)
-            state = engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
-            print(f"Default model: {self.model} ({state})")
+            model = backend_model(self.model, self.base_url)
+            if is_endpoint(model):
+                state = engine_summary(self._engine_for(self.model))
+            else:
+                engine = loaded_engine(model, self.dtype)
+                state = engine_summary(engine) if engine else "not loaded yet: it loads on the first chat"
+            print(f"Default model: {model} ({state})")
             return
-        shared_engine(words[0], self.dtype)
+        model = backend_model(words[0], self.base_url)
+        if api_key is not None and not is_endpoint(model):
+            raise UsageError("--api-key is for a remote endpoint: give its URL (http://HOST:PORT/v1)")
+        if is_endpoint(model):
+            self._connect(model, api_key if api_key is not None else self.api_key)
+        else:
+            self._engine_for(model)
+        if api_key is not None:
+            self.api_key = api_key
         self.model = words[0]
+
+    def _connect(self, model: str, api_key: str | None) -> None:
+        """Check that the endpoint ``model`` names answers and serves the model asked for."""
+        engine = shared_engine(model, self.dtype, api_key=api_key)
+        try:
+            served = engine.models()
+            name = engine.model
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        if name not in served:
+            raise UsageError(f"{engine.base_url} does not serve {name!r}{suggest(name, served)}; it serves: "
+                             f"{', '.join(served)}")
+        print(f"Chatting with {name} at {engine.base_url} (remote endpoint; it serves {', '.join(served)}).")
 
     def _cmd_models(self, rest: str) -> None:
         self._no_arguments("models", split_words(rest))
-        rows = known_models()
+        current = [backend_model(self.model, self.base_url)]
+        current += [backend_model(c.settings["model"], self.base_url) for c in self.conversations.values()
+                    if "model" in c.settings]
+        rows = known_models() + remote_models(current, self.api_key)
         yes = {True: "yes", False: ""}
         markdown = render.markdown_table(
             ("model", "description", "cached", "loaded"),
@@ -440,9 +558,12 @@ class ChatMagics(Magics):
             "conversation" if conversation.system else ("config" if self.system_prompt else "default")
         )
         rows = [(key, settings[key], sources[key]) for key in SETTINGS]
+        key, key_source = api_key_and_source(self.api_key)
         rows += [
             ("system", system, system_source),
             ("dtype", self.dtype, "config" if self.dtype else "default"),
+            ("base_url", self.base_url, "config" if self.base_url else "default"),
+            ("api_key", mask_key(key), key_source if key else "default"),
         ]
         markdown = f"Conversation `{conversation.name}`\n\n" + render.markdown_table(
             ("setting", "value", "from"),
@@ -472,7 +593,49 @@ class ChatMagics(Magics):
     def _cmd_prompt(self, rest: str) -> None:
         """The prompt that produced the last reply, exactly as the model read it."""
         conversation, words = self._target(rest)
-        self._no_arguments("prompt", words)
+        template = None
+        if "--template" in words:
+            at = words.index("--template")
+            if at + 1 >= len(words):
+                raise UsageError("%chat prompt --template needs a template name (chatml, llama-3, ...)")
+            template = words[at + 1]
+            del words[at : at + 2]
+        form = words[0] if words else None
+        if form not in (None, "--tokens", "--ids") or len(words) > 1:
+            raise UsageError(
+                f"%chat prompt takes --tokens or --ids and --template NAME (got {' '.join(words)!r})"
+            )
+        messages, tools, model = self._last_prompt(conversation)
+        engine = self._engine_for(model)
+        if form is None:
+            self._show_prompt(engine, messages, tools=tools, chat_template=template)
+            return
+        teaching.require_local(engine, f"%chat prompt {form}")
+        try:
+            prompt = engine.prompt_tokens(messages, tools=tools, chat_template=template)
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        ids = [token.token_id for token in prompt.tokens]
+        if form == "--ids":
+            print(ids)
+            return
+        roles = [str(message.get("role")) for message in messages]
+        views.show(
+            {
+                "text/html": views.prompt_tokens_html(prompt, roles),
+                "text/plain": views.prompt_tokens_text(prompt),
+            },
+            {
+                "nbchat": {
+                    "prompt_tokens": len(ids),
+                    "context_length": prompt.context_length,
+                    "chat_template": template,
+                }
+            },
+        )
+
+    def _last_prompt(self, conversation: Conversation) -> tuple[list[dict[str, Any]], Any, str]:
+        """The messages, tools and model of the request that produced the last reply."""
         last = conversation.last()
         messages = conversation.request_messages(
             len(conversation) - 1, last, default_system=self.system_prompt
@@ -483,7 +646,318 @@ class ChatMagics(Magics):
         registry = tool_loop.tools_for(conversation, last.options.get("tools") or [], self.shell.user_ns)
         tools = registry.schemas() or None
         model = last.model or self._settings(conversation, {})["model"]
-        self._show_prompt(shared_engine(model, self.dtype), messages, tools=tools)
+        return messages, tools, model
+
+    # --- teaching views: next-token distributions, step mode, replay, compare ------------------------
+
+    def _cmd_next(self, rest: str) -> None:
+        """``%chat next [--top K] [--temperature T1,T2,...] [TEXT]``: the next-token distribution."""
+        name, words = pop_conversation_option(split_words(rest))
+        conversation = self._conversation(name)
+        top, temperatures, text_words = 10, None, []
+        while words:
+            word = words.pop(0)
+            if word in ("--top", "--temperature", "-t"):
+                if not words:
+                    raise UsageError(f"%chat next {word} needs a value")
+                value = words.pop(0)
+                if word == "--top":
+                    try:
+                        top = int(value)
+                    except ValueError:
+                        raise UsageError(f"%chat next --top must be an integer, not {value!r}") from None
+                else:
+                    temperatures = [parse_setting("temperature", item) for item in value.split(",") if item]
+            else:
+                text_words.append(word)
+        settings = self._settings(conversation, {})
+        step = self._steps.get(conversation.name)
+        if step is not None and not step.finished:
+            messages, reply_ids, model = step.messages, step.reply_ids, step.model
+        else:
+            messages, _, model = self._last_prompt(conversation)
+            reply_ids = []
+        engine = teaching.require_local(self._engine_for(model), "%chat next")
+        knobs = {key: settings[key] for key in ("top_p", "top_k", "seed") if settings[key] is not None}
+        rows = (
+            [{**knobs, "temperature": t} for t in temperatures]
+            if temperatures
+            else [
+                {
+                    **knobs,
+                    **(
+                        {"temperature": settings["temperature"]}
+                        if settings["temperature"] is not None
+                        else {}
+                    ),
+                }
+            ]
+        )
+        text = " ".join(text_words)
+        try:
+            distribution = engine.next_token_distribution(
+                messages, reply_text=text or None, reply_ids=reply_ids, settings=rows, top=top
+            )
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        title = f"after {text!r}" if text else ""
+        views.show(
+            {
+                "text/html": views.distribution_html(distribution, title=title),
+                "text/plain": views.distribution_text(distribution),
+            },
+            {"nbchat": {"next_token": {"prompt_tokens": distribution.prompt_tokens, "rows": rows}}},
+        )
+
+    def _start_step(
+        self, conversation: Conversation, index: int, turn: Turn, settings: dict[str, Any]
+    ) -> None:
+        """``%%chat --step``: store the turn with an empty reply and show its first distribution."""
+        engine = teaching.require_local(self._engine_for(settings["model"]), "--step")
+        messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
+        request = build_request(messages, settings)
+        seed, drawn = teaching.draw_seed(settings["seed"])
+        state = teaching.StepState(
+            conversation.name, index, messages, settings, seed, settings["model"], turn
+        )
+        turn.reply = [{"role": "assistant", "content": ""}]
+        turn.model = settings["model"]
+        turn.reproduce = {**teaching.reproduce_record(engine, request, seed, drawn), "step_ids": []}
+        conversation.put(turn, index)
+        self._steps[conversation.name] = state
+        try:
+            state.distribution(engine)
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        self._show_step(state)
+
+    def _show_step(self, state: teaching.StepState) -> None:
+        parts, text = [], []
+        if state.tokens:
+            parts.append(views.reply_tokens_html(state.tokens))
+            text.append(state.text)
+        if state.finished:
+            why = "an end-of-turn token" if state.finished == "stop" else "max_tokens"
+            note = f"The reply is finished ({why}); it is in the conversation."
+        else:
+            parts.append(views.distribution_html(state.shown, title="step mode", picks=True))
+            text.append(views.distribution_text(state.shown, picks=True))
+            note = "%chat step [N]: add N sampled tokens · %chat step --pick K: add the K-th token above"
+        parts.append(f'<div style="font-size: 0.85em; margin-top: 4px;">{html.escape(note)}</div>')
+        text.append(note)
+        views.show(
+            {"text/html": "".join(parts), "text/plain": "\n\n".join(text)},
+            {
+                "nbchat": {
+                    "step": {
+                        "conversation": state.conversation,
+                        "turn": state.index,
+                        "token_ids": list(state.reply_ids),
+                        "finished": state.finished,
+                    }
+                }
+            },
+        )
+
+    def _cmd_step(self, rest: str) -> None:
+        """``%chat step [N]`` / ``%chat step --pick K``: continue the reply started with %%chat --step."""
+        name, words = pop_conversation_option(split_words(rest))
+        conversation = self._conversation(name)
+        state = self._steps.get(conversation.name)
+        if state is None or not any(turn is state.turn for turn in conversation.turns):
+            raise UsageError(f"no reply in step mode in {conversation.name!r}: start one with %%chat --step")
+        if state.finished:
+            raise UsageError("the step-mode reply is finished: start another with %%chat --step")
+        engine = self._engine_for(state.model)
+        pick, count = None, 1
+        if words[:1] == ["--pick"]:
+            if len(words) != 2 or not words[1].isdigit():
+                raise UsageError("%chat step --pick needs the number K of a token in the list (from 1)")
+            pick = int(words[1])
+            if not 1 <= pick <= len(state.shown.top):
+                raise UsageError(f"%chat step --pick {pick}: choose from 1 to {len(state.shown.top)}")
+        elif words:
+            if len(words) != 1 or not words[0].isdigit() or int(words[0]) < 1:
+                raise UsageError("%chat step takes a number of tokens N >= 1, or --pick K")
+            count = int(words[0])
+        try:
+            for _ in range(count):
+                if state.shown is None:  # an interrupt came before the last distribution was ready
+                    state.distribution(engine)
+                choice = state.shown.top[pick - 1] if pick else state.shown.sampled[0].chosen
+                state.add(engine, choice, choice.ends_reply)
+                if state.finished:
+                    break
+                state.shown = None
+                state.distribution(engine)
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        except KeyboardInterrupt:
+            print("Interrupted: the tokens added so far are kept.")
+        turn = state.turn
+        turn.reply = [{"role": "assistant", "content": state.text}]
+        turn.reproduce = {**(turn.reproduce or {}), "step_ids": list(state.reply_ids)}
+        if state.finished:
+            turn.finish_reason = state.finished
+            turn.usage = {"completion_tokens": len(state.reply_ids) + (state.finished == "stop")}
+        self._show_step(state)
+
+    def _cmd_replay(self, rest: str) -> None:
+        """``%chat replay [N]``: regenerate reply N with its recorded settings and seed, and compare."""
+        conversation, words = self._target(rest)
+        if len(words) > 1 or (words and not words[0].lstrip("-").isdigit()):
+            raise UsageError("%chat replay takes the number N of a reply (0 is the first; default: the last)")
+        number = int(words[0]) if words else len(conversation) - 1
+        if not 0 <= number < len(conversation):
+            raise UsageError(
+                f"%chat replay {number}: {conversation.name!r} has replies 0 to {len(conversation) - 1}"
+            )
+        turn = conversation.turns[number]
+        record = turn.reproduce
+        if not record or "settings" not in record:
+            raise UsageError(
+                f"reply {number} has no recorded settings (it was made by a remote endpoint or "
+                "an older nbchat), so it cannot be replayed"
+            )
+        if any(message.get("tool_calls") for message in turn.reply) or "step_ids" in record:
+            raise UsageError(
+                f"reply {number} called tools or was made in step mode: replay covers plain replies"
+            )
+        messages = conversation.request_messages(number, turn, default_system=self.system_prompt)
+        engine = teaching.require_local(self._engine_for(turn.model or self.model), "%chat replay")
+        notes = []
+        if teaching.messages_digest(messages) != record.get("messages_sha256"):
+            notes.append("the messages before it changed since (an earlier turn or the system prompt)")
+        provenance = engine.provenance()
+        if provenance["sha256"] != record.get("sha256") or provenance["dtype"] != record.get("dtype"):
+            notes.append(
+                f"the model differs (sha256 {provenance['sha256'][:12]}, {provenance['dtype']}; "
+                f"recorded {str(record.get('sha256'))[:12]}, {record.get('dtype')})"
+            )
+        recorded = record["settings"]
+        request = {
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **{key: value for key, value in recorded.items() if value not in (None, [], {})},
+        }
+        request.update({key: turn.options[key] for key in ("response_format",) if key in turn.options})
+        try:
+            outcome, _ = teaching.run_silently(partial(self._open_stream, engine), request)
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
+        original = turn.reply_text
+        identical = outcome.text == original
+        if identical:
+            verdict = (
+                f"Reply {number} reproduced exactly: {len(original)} characters, seed {record['seed']}, "
+                f"{record['model']} sha256 {str(record['sha256'])[:12]}, {record['dtype']}."
+            )
+        else:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(outcome.text, original, strict=False)) if a != b),
+                min(len(outcome.text), len(original)),
+            )
+            verdict = f"Reply {number} was NOT reproduced: the texts differ from character {at}."
+        if notes:
+            verdict += " Note: " + "; ".join(notes) + "."
+        render.show(
+            f"{verdict}\n\n{render.fence(outcome.text, 'text')}",
+            f"{verdict}\n{outcome.text}",
+            {"nbchat": {"replay": {"turn": number, "identical": identical, "text": outcome.text}}},
+        )
+
+    def _compare(
+        self,
+        conversation: Conversation,
+        index: int,
+        turn: Turn,
+        settings: dict[str, Any],
+        spec: str,
+        keep: int | None,
+    ) -> ChatReply | None:
+        """``%%chat --compare KEY=V1,V2``: the turn once per value, side by side; keeps reply ``keep``."""
+        key, values = teaching.parse_compare(spec, parse_setting)
+        keep = 1 if keep is None else keep
+        if not 1 <= keep <= len(values):
+            raise UsageError(f"--keep {keep}: choose a reply from 1 to {len(values)}")
+        if settings.get("tools") or settings.get("response_format"):
+            raise UsageError("--compare runs plain replies: leave out --tools, --json and --schema")
+        messages = conversation.request_messages(index, turn, default_system=self.system_prompt)
+        requests = [
+            build_request(messages, {**settings, key: value}) for value in values
+        ]  # all checked first
+        seed, drawn = teaching.draw_seed(settings["seed"])  # one seed for every column, unless it varies
+        columns, records, outcomes = [], [], []
+        for value, request in zip(values, requests, strict=True):
+            engine = self._engine_for(value if key == "model" else settings["model"])
+            column_seed = value if key == "seed" else seed
+            records.append(teaching.reproduce_record(engine, request, column_seed, drawn and key != "seed"))
+            opener = partial(self._open_compare_stream, engine, {"seed": column_seed, "logprobs": True})
+            try:
+                outcome, content = teaching.run_silently(opener, request)
+            except NbchatError as error:
+                raise UsageError(str(error)) from None
+            outcomes.append(outcome)
+            usage = outcome.usage or {}
+            columns.append(
+                views.CompareColumn(
+                    settings={key: value},
+                    text=outcome.text,
+                    completion_tokens=usage.get("completion_tokens", 0),
+                    mean_logprob=teaching.mean_logprob(content),
+                    kept=len(columns) + 1 == keep,
+                )
+            )
+            if outcome.interrupted:
+                break
+        if len(columns) < keep:
+            print("Interrupted before the reply to keep; the conversation is unchanged.")
+            return None
+        kept, record = outcomes[keep - 1], records[keep - 1]
+        turn.reply = [{"role": "assistant", "content": kept.text}]
+        turn.interrupted, turn.finish_reason, turn.usage = kept.interrupted, kept.finish_reason, kept.usage
+        turn.model = values[keep - 1] if key == "model" else settings["model"]
+        turn.reproduce = record
+        conversation.put(turn, index)
+        metadata = {
+            "model": turn.model,
+            "conversation": conversation.name,
+            "turn": index,
+            "reproduce": record,
+            "compare": {
+                "key": key,
+                "keep": keep,
+                "columns": [
+                    {
+                        "value": column.settings[key],
+                        "text": column.text,
+                        "completion_tokens": column.completion_tokens,
+                        "mean_logprob": column.mean_logprob,
+                    }
+                    for column in columns
+                ],
+            },
+        }
+        views.show(
+            {"text/html": views.compare_html(columns), "text/plain": views.compare_text(columns)},
+            {"nbchat": metadata},
+        )
+        return ChatReply(
+            text=kept.text,
+            messages=[*messages, *turn.reply],
+            usage=kept.usage,
+            finish_reason=kept.finish_reason,
+            interrupted=kept.interrupted,
+            model=turn.model,
+            conversation=conversation.name,
+            turn=index,
+            settings=dict(requests[keep - 1]),
+            value=kept.text,
+        )
+
+    def _open_compare_stream(self, engine: Any, extra: dict[str, Any], request: dict[str, Any]) -> Any:
+        return self._open_stream(engine, {**request, **extra})
 
     def _cmd_save(self, rest: str) -> None:
         conversation, words = self._target(rest)

@@ -42,8 +42,9 @@ COMMANDS_HELP = """\
   reset                   forget every exchange (system prompt and settings stay)
   undo                    drop the last exchange
   retry [options]         regenerate the last reply (options as for %%chat, e.g. --seed 3)
-  model [NAME]            show the default model, or make NAME the default and load it
-  models                  models in the registry, in the cache and loaded in this kernel
+  model [NAME|URL]        show the default model, or make NAME the default and load it; a URL
+                          (http://HOST:PORT/v1, or NAME@URL; --api-key KEY) chats with that endpoint
+  models                  models in the registry, in the cache, loaded, and served by endpoints in use
   set KEY=VALUE ...       make a setting the conversation's default (VALUE none removes it); keys:
 {setting_keys}
   settings                every setting, its value and where it comes from
@@ -51,7 +52,17 @@ COMMANDS_HELP = """\
   tools                   the conversation's tools (Python functions the model may call)
   tools add|remove F ...  offer / stop offering the notebook's functions F ... in every chat
   tools allow|deny F ...  let F run in this kernel when the model calls it (allow adds F if needed)
-  prompt                  the exact templated prompt of the last reply and its token count
+  prompt [--tokens|--ids] [--template NAME]
+                          the exact templated prompt of the last reply and its token count (--tokens:
+                          as token chips by message; --ids: the token ids; --template: as the
+                          built-in template NAME would write it)
+  next [--top K] [--temperature T1,T2] [TEXT]
+                          the next-token distribution after the last prompt (and the reply start
+                          TEXT): the model's, and after the temperature / top_p / top_k settings
+  step [N] / step --pick K  step mode (after %%chat --step): add N sampled tokens, or the K-th
+                          most likely token, and show the next distribution
+  replay [N]              regenerate reply N (default: the last) with its recorded model, settings
+                          and seed, and say whether it is identical
   save FILE / load FILE   write / read the conversation as JSON
   conversations           list the conversations
   panel                   a chat panel widget on the conversation (shares its history with cells)
@@ -95,7 +106,8 @@ _CELL_ARGUMENTS = (
     argument("-s", "--system", help="System prompt for this cell (or for the conversation it starts)."),
     argument("--new", action="store_true", help="Start a fresh conversation (the old one is discarded)."),
     argument("-c", "--conversation", metavar="NAME", help="Use conversation NAME for this cell."),
-    argument("--model", help="Model for this cell: a registry name, a .gguf path or a model directory."),
+    argument("--model", help="Model for this cell: a registry name, a .gguf path, a model directory or "
+             "an endpoint URL (NAME@URL for one of its models)."),
     argument("-t", "--temperature", type=float, help="Sampling temperature; 0 = greedy."),
     argument("--top-p", type=float, help="Nucleus sampling: keep the smallest set of tokens with this mass."),
     argument("--top-k", type=int, help="Sample among the K most likely tokens."),
@@ -142,6 +154,25 @@ _CELL_ARGUMENTS = (
         help="Most rounds of running tools and sending results back (default 5; 0 = never run).",
     ),
     argument("--show-prompt", action="store_true", help="Show the templated prompt before the reply."),
+    argument(
+        "--probs",
+        action="store_true",
+        help="Show the reply as its tokens shaded by probability, with the alternatives on hover.",
+    ),
+    argument(
+        "--compare",
+        metavar="SPEC",
+        help='Run the turn once per value and show the replies side by side: "temperature=0,0.7,1.4", '
+        '"seed=1,2,3", "top_p=...", "top_k=...", "max_tokens=..." or "model=a,b".',
+    ),
+    argument(
+        "--keep", type=int, metavar="N", help="With --compare: continue with reply N (from 1; default 1)."
+    ),
+    argument(
+        "--step",
+        action="store_true",
+        help="Step mode: no reply yet; %%chat step [N] adds N tokens, %%chat step --pick K the K-th one.",
+    ),
     argument("--no-interpolate", action="store_true", help="Send {name} placeholders as written."),
     argument("-h", "--help", action="store_true", help="Show this help."),
 )
@@ -326,6 +357,16 @@ def cell_options(args: Any, namespace: Mapping[str, Any]) -> dict[str, Any]:
     if args.max_tool_steps is not None:
         options["max_tool_steps"] = check_tool_steps(args.max_tool_steps, "--max-tool-steps")
     return options
+
+
+def check_view_options(args: Any) -> None:
+    """The teaching-view options of a cell go together only in ways that mean something."""
+    if args.compare is not None and args.step:
+        raise UsageError("--compare and --step are two ways to run a turn: keep one of them")
+    if args.probs and (args.compare is not None or args.step):
+        raise UsageError("--probs shows one reply's tokens; --compare and --step show their own views")
+    if args.keep is not None and args.compare is None:
+        raise UsageError("--keep N chooses among the replies of --compare; add --compare KEY=V1,V2,...")
 
 
 def pydantic_model_class(value: Any) -> type | None:

@@ -33,7 +33,7 @@ from nbchat.conversation import Conversation, ConversationError, Turn
 from nbchat.errors import NbchatError
 from nbchat.notebook import tool_loop
 from nbchat.notebook.cells import interpolate
-from nbchat.notebook.engines import known_models, loaded_engine, shared_engine
+from nbchat.notebook.engines import known_models, loaded_engine
 from nbchat.notebook.options import parse_setting
 from nbchat.notebook.panel_view import PENDING_ID, PanelReplyView, transcript_entries, turn_entries
 from nbchat.notebook.render import fence, one_line
@@ -285,7 +285,7 @@ class ChatPanel(anywidget.AnyWidget):
                 raise ConversationError("the conversation is empty: there is no reply to retry")
             messages = conversation.request_messages(index, turn, default_system=magics.system_prompt)
             request = tool_loop.first_request(messages, settings, registry)
-            engine = shared_engine(settings["model"], magics.dtype, report=self._note)
+            engine = magics._engine_for(settings["model"], report=self._note)
             view = PanelReplyView(self._broadcast)
             self.last_view = view
             base = {"model": settings["model"], "conversation": conversation.name, "turn": index}

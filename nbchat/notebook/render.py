@@ -275,6 +275,8 @@ class ReplyView:
         self.redraws = 0
         self.handle: DisplayHandle | None = None
         self.metadata: dict[str, Any] = {}
+        self.final_bundle: Bundle | None = None
+        self.final_metadata: dict[str, Any] = {}
         self._last_redraw = float("-inf")
         self._written = 0
 
@@ -342,7 +344,8 @@ class ReplyView:
     ) -> None:
         if self.live:
             bundle = self._bundle(final=True, interrupted=interrupted, truncated=truncated)
-            self._redraw(bundle, {**self.metadata, **(metadata or {})})
+            self.final_bundle, self.final_metadata = bundle, {**self.metadata, **(metadata or {})}
+            self._redraw(bundle, self.final_metadata)
             return
         # Terminal: write what has not been written yet (all of it when not streaming), then end the line.
         self._stdout.write(self.text[self._written :])
@@ -355,6 +358,15 @@ class ReplyView:
     def warn(self, message: str) -> None:
         """A warning under the reply (the turn stopped early but kept what happened)."""
         warn(message)
+
+    def add_to_final(self, extra: Bundle) -> None:
+        """Redraw the finished reply with more representations (a teaching view's ``text/html``),
+        which front ends prefer to its Markdown. A terminal shows nothing more."""
+        if self.live and self.final_bundle is not None:
+            self._redraw(
+                {**extra, **{k: v for k, v in self.final_bundle.items() if k not in extra}},
+                self.final_metadata,
+            )
 
     def discard(self) -> None:
         """Blank the placeholder of a reply that never came (the request failed)."""
