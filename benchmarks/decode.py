@@ -175,13 +175,19 @@ def compile_worker(model_path: str, dtype: str, pack: bool) -> dict:
     state = sampling.initial_state([[1]], config.vocab_size, 0)
     settings = sampling.sampling_arrays([sampling.SamplingParams()], config.vocab_size)
     bits = np.full((1, -(-config.vocab_size // 32)), -1, np.int32)
+    top = sampling.MAX_TOP_LOGPROBS
+    sample = sampling.Sample(np.zeros(1, np.int32), np.zeros(1, np.float32), np.zeros((1, top), np.int32),
+                             np.zeros((1, top), np.float32))
     program = step_program(config)
     ((_, padded, _),) = plan_prefill(0, PROMPT_LENGTHS[0], config.context_length)
     timings = {}
     for name, length in (("prefill", padded), ("decode", 1)):
         tokens = np.zeros((1, length), np.int32)
         started = time.perf_counter()
-        program.lower(params, cache, tokens, np.int32(0), np.int32(1), state, settings, bits).compile()
+        zeros = np.zeros(1, np.int32)
+        program.lower(
+            params, cache, tokens, zeros, zeros, np.ones(1, bool), state, settings, bits, sample
+        ).compile()
         timings[f"{name}_compile_s"] = time.perf_counter() - started
     del jax
     return timings

@@ -17,11 +17,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nbchat.errors import ContextLengthError, EngineBusyError, InvalidRequestError
+from nbchat.errors import ContextLengthError, InvalidRequestError
+from nbchat.errors import EngineBusyError as EngineBusyError  # re-exported: the Generator raises it
 from nbchat.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -219,8 +219,6 @@ class Engine:
         self._generator: Generator | None = None
         self._token_bytes: TokenBytes | None = None
         self._load_lock = threading.Lock()
-        self._generation_lock = threading.Lock()
-        self._generation_thread: int | None = None
         self._weights_sha256: str | None = None
 
     def __repr__(self) -> str:
@@ -357,21 +355,6 @@ class Engine:
             raise ContextLengthError(prompt_tokens, limit, context_length)
         return limit
 
-    @contextmanager
-    def _generation_slot(self) -> Iterator[None]:
-        """One generation at a time on the Generator: other threads wait, this thread is told."""
-        if self._generation_thread == threading.get_ident():
-            raise EngineBusyError(
-                "An earlier streamed completion of this engine is still open in this thread. Iterate it to "
-                "the end or call its close() before starting another."
-            )
-        with self._generation_lock:
-            self._generation_thread = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._generation_thread = None
-
     def _chunks(self, job: _Job, *, include_usage: bool) -> Iterator[ChatCompletionChunk]:
         loaded, prompt_ids = job.loaded, job.prompt_ids
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -382,17 +365,29 @@ class Engine:
             return ChatCompletionChunk(id=completion_id, created=created, model=loaded.name, choices=choices,
                                        usage=usage, system_fingerprint=fingerprint)
 
-        completion_tokens = 0
-        with self._generation_slot():
-            for index in range(len(job.samplings)):
-                yield chunk([ChunkChoice(index=index, delta=ChoiceDelta(role="assistant", content=""))])
-                choice = _ChoiceRun(self, job, index)
-                for delta, logprobs in choice.deltas():
-                    yield chunk([ChunkChoice(index=index, delta=delta, logprobs=logprobs)])
-                completion_tokens += choice.completion_tokens
-                finish = ChunkChoice(index=index, delta=ChoiceDelta(), finish_reason=choice.finish_reason,
-                                     logprobs=choice.trailing_logprobs)
-                yield chunk([finish])
+        # The choices generate at once, each in a slot of the Generator (so a call never waits for
+        # another call, nor a choice for another choice); their chunks interleave as OpenAI's do.
+        choices = [_ChoiceRun(self, job, index) for index in range(len(job.samplings))]
+        running = {choice: choice.deltas() for choice in choices}
+        try:
+            for choice in choices:
+                role = ChoiceDelta(role="assistant", content="")
+                yield chunk([ChunkChoice(index=choice.index, delta=role)])
+            while running:
+                for choice, deltas in list(running.items()):
+                    step = next(deltas, None)
+                    if step is None:
+                        del running[choice]
+                        yield chunk([ChunkChoice(index=choice.index, delta=ChoiceDelta(),
+                                                 finish_reason=choice.finish_reason,
+                                                 logprobs=choice.trailing_logprobs)])
+                    else:
+                        delta, logprobs = step
+                        yield chunk([ChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)])
+        finally:
+            for deltas in running.values():
+                deltas.close()  # stops those choices' generations at once
+        completion_tokens = sum(choice.completion_tokens for choice in choices)
         if include_usage:
             usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                           total_tokens=len(prompt_ids) + completion_tokens)
@@ -610,7 +605,7 @@ class _ChoiceRun:
     def __init__(self, engine: Engine, job: _Job, index: int):
         self._engine = engine
         self._job = job
-        self._index = index
+        self.index = index
         self.completion_tokens = 0
         self.finish_reason: FinishReason = "length"
         self.trailing_logprobs: ChoiceLogprobs | None = None
@@ -638,7 +633,7 @@ class _ChoiceRun:
 
         events = self._engine._generator.generate(
             job.prompt_ids,
-            job.samplings[self._index],
+            job.samplings[self.index],
             max_new_tokens=job.max_new_tokens,
             stop_ids=loaded.stop_ids,
             constraint=job.plan.new_constraint(),

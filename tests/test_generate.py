@@ -1,6 +1,7 @@
 """The Generator on a tiny random-weight model: greedy tokens are the full forward's argmax, prefix
 reuse and cache growth change nothing, settings never recompile, and stopping, closing or
-interrupting a generation at any point leaves the engine usable."""
+interrupting a generation at any point leaves the engine usable. Batched sequences (several at once)
+are tested in test_batching.py."""
 
 from __future__ import annotations
 
@@ -285,23 +286,23 @@ def test_keyboard_interrupt_inside_the_loop_leaves_the_engine_usable(generator, 
     assert_greedy_matches_reference(params, prompt_ids, events)
 
 
-def test_an_interrupt_during_a_step_drops_the_cache_and_the_next_generation_starts_fresh(params):
+def test_an_error_during_a_step_drops_the_cache_and_the_next_generation_starts_fresh(params):
     engine = Generator(TINY, params)
     prompt_ids = prompt(20, seed=13)
     list(engine.generate(prompt_ids, GREEDY, max_new_tokens=5))
     program = engine._program
     calls = 0
 
-    def interrupted_after_dispatch(*args):
+    def failing_after_dispatch(*args):
         nonlocal calls
         calls += 1
         result = program(*args)  # the cache was donated: its buffers are gone
         if calls == 3:
-            raise KeyboardInterrupt
+            raise RuntimeError("the device went away")
         return result
 
-    engine._program = interrupted_after_dispatch
-    with pytest.raises(KeyboardInterrupt):
+    engine._program = failing_after_dispatch
+    with pytest.raises(RuntimeError, match="went away"):  # raised in the consumer, from the step
         list(engine.generate(prompt_ids + [7, 8], GREEDY, max_new_tokens=10))
     assert engine.cached_token_count == 0
     engine._program = program
@@ -310,13 +311,15 @@ def test_an_interrupt_during_a_step_drops_the_cache_and_the_next_generation_star
     assert_greedy_matches_reference(params, prompt_ids, events)
 
 
-def test_a_superseded_iterator_refuses_to_resume(generator):
-    first = generator.generate(prompt(20), GREEDY, max_new_tokens=10)
-    next(first)
-    second = list(generator.generate(prompt(20), GREEDY, max_new_tokens=2))
-    assert len(second) == 2
-    with pytest.raises(RuntimeError, match="superseded"):
-        next(first)
+def test_two_open_iterators_both_run_to_their_own_tokens(generator, params):
+    first_prompt, second_prompt = prompt(20, seed=30), prompt(27, seed=31)
+    first = generator.generate(first_prompt, GREEDY, max_new_tokens=10)
+    head = [next(first)]
+    second = list(generator.generate(second_prompt, GREEDY, max_new_tokens=6))
+    rest = list(first)
+    assert len(head + rest) == 10 and len(second) == 6
+    assert_greedy_matches_reference(params, first_prompt, head + rest)
+    assert_greedy_matches_reference(params, second_prompt, second)
 
 
 def test_drop_cache_makes_the_next_prompt_prefill_whole(generator):
@@ -333,7 +336,7 @@ def test_a_second_generation_of_the_same_shapes_compiles_nothing(params):
     engine = Generator(config, params)
     list(engine.generate(prompt(20, seed=15), GREEDY, max_new_tokens=3))
     compiled = step_program(config)._cache_size()
-    assert compiled == 2  # one prefill bucket, one decode step
+    assert compiled == 2  # one prefill bucket, one decode step (a single sequence runs at batch 1)
     list(engine.generate(prompt(20, seed=16), GREEDY, max_new_tokens=3))  # no reuse: a fresh prefill
     assert engine.last_reused_tokens == 0
     assert step_program(config)._cache_size() == compiled

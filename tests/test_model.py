@@ -57,14 +57,16 @@ def prefill_then_decode(params, config, tokens, n_prefill, capacity, grow_to=Non
     padded[0, :n_prefill] = tokens[0, :n_prefill]
     cache = kv_cache.empty_cache(config, 1, capacity)
     logits, cache = cached_forward(
-        params, config, padded, positions(0, 32), cache, np.int32(0), np.array([n_prefill - 1], np.int32)
+        params, config, padded, positions(0, 32), cache, np.zeros(1, np.int32),
+        np.array([n_prefill - 1], np.int32),
     )
     rows = [np.asarray(logits[0])]
     for t in range(n_prefill, T):
         if grow_to is not None and t == (n_prefill + T) // 2:
             cache = kv_cache.resized(cache, grow_to)
         logits, cache = cached_forward(
-            params, config, tokens[:, t : t + 1], positions(t, 1), cache, np.int32(t), np.zeros(1, np.int32)
+            params, config, tokens[:, t : t + 1], positions(t, 1), cache, np.array([t], np.int32),
+            np.zeros(1, np.int32),
         )
         rows.append(np.asarray(logits[0]))
     return np.stack(rows)
@@ -96,6 +98,23 @@ def test_prefill_then_decode_equals_the_full_forward(params, tokens, full_logits
 def test_growing_the_cache_midway_changes_nothing(params, tokens, full_logits):
     stepped = prefill_then_decode(params, TINY, tokens, n_prefill=10, capacity=256, grow_to=384)
     np.testing.assert_allclose(stepped, full_logits[9:], atol=1e-4, rtol=1e-4)
+
+
+def test_rows_of_a_batch_write_and_attend_at_their_own_cache_lengths(params):
+    # Two sequences of different lengths share one cache: each row's prefill and next token match
+    # that sequence's own full forward.
+    first, second = prompt_tokens(11, seed=2)[0], prompt_tokens(18, seed=3)[0]
+    padded = np.zeros((2, 32), np.int32)
+    padded[0, :10], padded[1, :17] = first[:10], second[:17]
+    cache = kv_cache.empty_cache(TINY, 2, 256)
+    lengths = np.array([10, 17], np.int32)
+    _, cache = cached_forward(params, TINY, padded, np.tile(positions(0, 32), (2, 1)), cache,
+                              np.zeros(2, np.int32), lengths - 1)
+    step = np.array([[first[10]], [second[17]]], np.int32)
+    logits, _ = cached_forward(params, TINY, step, lengths[:, None], cache, lengths, np.zeros(2, np.int32))
+    for row, sequence in enumerate((first, second)):
+        expected, _ = forward(params, TINY, sequence[None], positions(0, len(sequence)))
+        np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(expected[0, -1]), atol=1e-4, rtol=1e-4)
 
 
 def test_logits_at_picks_one_position_per_row(params, tokens, full_logits):

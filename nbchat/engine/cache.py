@@ -4,8 +4,8 @@ that decide a capacity and which cached tokens a new prompt can reuse.
 Shapes are static under jit, so the cache has one capacity per bucket (256, 384, 512, 768, 1024, ...
 capped at the model's context) and grows or shrinks by copying into a buffer of another bucket.
 Attention reads every slot of the capacity each token, so the engine keeps the smallest bucket that
-fits the conversation. Which slots hold real tokens is a traced length, never a Python int (a Python
-int would compile one program per value).
+fits the conversation. Which slots hold real tokens is a traced length per row, never a Python int (a
+Python int would compile one program per value).
 
 This module holds no model math: ``model.forward`` writes new entries with ``write_keys`` and
 ``write_values`` and attends over the buffers.
@@ -123,23 +123,39 @@ def resized(cache: KVCache, capacity: int) -> KVCache:
 
 
 def write_keys(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new keys of one layer at slots [start, start + T): buffer [B, Hkv, hd, C], new
-    [B, Hkv, T, hd]. See ``_write``."""
+    """Store T new keys of one layer at row b's slots [start[b], start[b] + T): buffer
+    [B, Hkv, hd, C], new [B, Hkv, T, hd], start [B] int. See ``_write``."""
     return _write(buffer, new.swapaxes(2, 3), start, KEY_SLOT_AXIS)
 
 
 def write_values(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Store T new values of one layer at slots [start, start + T): buffer [B, Hkv, C, hd], new
-    [B, Hkv, T, hd]. See ``_write``."""
+    """Store T new values of one layer at row b's slots [start[b], start[b] + T): buffer
+    [B, Hkv, C, hd], new [B, Hkv, T, hd], start [B] int. See ``_write``."""
     return _write(buffer, new, start, VALUE_SLOT_AXIS)
 
 
 def _write(buffer: jax.Array, new: jax.Array, start: jax.Array, slot_axis: int) -> jax.Array:
-    """In place on a donated buffer. The caller guarantees start + T <= C: dynamic_update_slice
-    would otherwise clamp the start and silently write the wrong slots."""
-    index = [jnp.zeros((), jnp.int32)] * buffer.ndim
-    index[slot_axis] = start.astype(jnp.int32)
-    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), tuple(index))
+    """In place on a donated buffer. The caller guarantees start[b] + T <= C: dynamic_update_slice
+    would otherwise clamp the start and silently write the wrong slots.
+
+    One row is one dynamic_update_slice (the single-sequence path); several rows at their own
+    starts are that update vmapped over the rows, which XLA lowers to one in-place scatter per
+    buffer (measured for 16 rows x 60 buffers: 0.27 ms per step, and a third of the compile time
+    of one dynamic_update_slice per row)."""
+    new = new.astype(buffer.dtype)
+    start = start.astype(jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    if buffer.shape[0] == 1:
+        index = [zero] * buffer.ndim
+        index[slot_axis] = start[0]
+        return jax.lax.dynamic_update_slice(buffer, new, tuple(index))
+
+    def write_row(row_buffer: jax.Array, row_new: jax.Array, row_start: jax.Array) -> jax.Array:
+        index = [zero] * row_buffer.ndim
+        index[slot_axis - 1] = row_start
+        return jax.lax.dynamic_update_slice(row_buffer, row_new, tuple(index))
+
+    return jax.vmap(write_row)(buffer, new, start)
 
 
 def common_prefix_length(cached_ids: Sequence[int], prompt_ids: Sequence[int]) -> int:

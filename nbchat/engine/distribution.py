@@ -60,7 +60,7 @@ def _choose(logits, counts, seen, settings, key_data):
     state = sampling.SamplerState(key_data, counts, seen)
     processed = sampling.process_logits(logits[None], state, settings, _all_allowed(1, logits.shape[-1]))
     _, step_key = jax.random.split(jax.random.wrap_key_data(key_data, impl="threefry2x32"))
-    token_ids, _, _ = sampling.choose(processed, step_key, settings)
+    token_ids, _, _ = sampling.choose(processed, step_key[None], settings)  # one row, its own key
     return token_ids[0]
 
 

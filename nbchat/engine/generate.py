@@ -1,13 +1,22 @@
-"""The generation loop: prompt ids in, a stream of token events out.
+"""The generation loop: prompt ids in, one stream of token events out per sequence, many sequences
+at once.
 
-``Generator`` owns the jitted programs and the KV cache of one loaded model and runs one generation
-at a time: it prefills the prompt in length-bucketed chunks (a chat compiles a handful of programs,
-not one per prompt length), then runs one jitted decode step per token with the cache donated, and
-yields each token as soon as its id (and log-probs) reach the host, so a consumer can stream it and
-stop at once.
+``Generator`` owns the jitted programs and the KV cache of one loaded model and serves several
+sequences in one decode step (continuous batching). The cache has a fixed number of rows (slots) per
+batch bucket (SLOT_BUCKETS: 1, 2, 4, 8, 16); each slot holds one sequence's k/v, and its position,
+sampling settings, penalties state, RNG key and allowed-token mask are rows of device arrays, so
+which sequences share a step never compiles anything new. A new request is prefilled into a free
+slot in length-bucketed chunks (interleaved with the others' decode steps) and joins at the next
+step; a finished or cancelled sequence frees its slot at once. A slot keeps the k/v of its last
+sequence: a returning conversation (a chat resends its whole history) lands on the slot holding
+its longest prefix, and only the rest is prefilled.
 
-Across calls it keeps the KV cache of the last sequence: a multi-turn chat resends its whole
-history, and only the part after the longest common prefix with the cached tokens is prefilled.
+A scheduler thread runs the steps, started with the first request and ended when no sequence is
+left. A thread rather than a loop driven by whichever consumer asks for a token: an interrupt
+(KeyboardInterrupt in the consumer, a closed iterator) then never lands inside a step, which
+would lose the donated cache of every sequence; the device keeps computing while consumers
+detokenize and render; and no consumer's pace decides another's. Each token reaches its
+consumer as soon as its step is read, and a consumer that falls behind pauses only its own row.
 
 Knows nothing of chat templates, text or OpenAI's wire format.
 """
@@ -16,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import jax
@@ -28,7 +39,7 @@ from nbchat.engine import cache as kv_cache
 from nbchat.engine import jax_setup, model, sampling
 from nbchat.engine.config import ModelConfig
 from nbchat.engine.sampling import SamplingParams
-from nbchat.errors import ContextLengthError, InvalidRequestError
+from nbchat.errors import ContextLengthError, EngineBusyError, InvalidRequestError
 
 __all__ = ["Generator", "SamplingParams", "TokenConstraint", "TokenEvent", "prefill_buckets"]
 
@@ -41,6 +52,15 @@ PREFILL_BUCKETS = (1, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 # the cache mid-generation, while a large max_new_tokens does not inflate the attention read of
 # every token (the cache grows on demand beyond it).
 DECODE_RESERVE = 128
+# Slots per batch: the cache has one of these numbers of rows. A step costs about the same for every
+# row of its bucket, used or not, so the batch grows to the next bucket when a request finds no free
+# slot and shrinks when half of it has stayed unused for SHRINK_AFTER_STEPS steps (not at once: a
+# conversation returning soon, such as a tool loop's next request, finds its prefix still cached).
+SLOT_BUCKETS = (1, 2, 4, 8, 16)
+SHRINK_AFTER_STEPS = 64
+# Tokens a sequence may have waiting for its consumer before its row pauses: 2 lets the device run
+# one step ahead of a consumer that keeps up, and bounds the work done for one that stopped reading.
+MAX_UNTAKEN = 2
 
 
 @dataclass(frozen=True)
@@ -90,42 +110,164 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
 
 @functools.lru_cache(maxsize=8)
 def step_program(config: ModelConfig) -> Callable:
-    """The one jitted program behind prefill and decode, shared by every Generator of a config.
+    """The jitted step over every row of the batch: decode, and prefill while the batch has one row.
 
-    ``(params, cache, token_ids [B, T] int32, cache_len [] int32, n_real [] int32, state, settings,
-    allowed_bits [B, ceil(V / 32)] int32) -> (cache, state, Sample)``: run T tokens through the model
-    at slots [cache_len, cache_len + T), then sample from the logits of token ``n_real - 1``.
-    Compiled once per (T, cache capacity); the cache is donated so XLA updates it in place.
+    ``(params, cache, token_ids [S, T] int32, cache_len [S] int32, logits_at [S] int32,
+    advancing [S] bool, state, settings, allowed_bits [S, ceil(V / 32)] int32, previous: Sample [S])
+    -> (cache, state, Sample)``: run row b's T tokens through the model at its slots
+    [cache_len[b], cache_len[b] + T) and sample from the logits of its token ``logits_at[b]``. Rows
+    not advancing (free slots, paused or still prefilling sequences) keep their sampler state and
+    their previous sample; their cache write lands past their valid slots, so it changes nothing.
+    Compiled once per (S, T, cache capacity); the cache is donated so XLA updates it in place.
     """
 
-    def run(params, cache, token_ids, cache_len, n_real, state, settings, allowed_bits):
-        B, T = token_ids.shape
-        positions = cache_len + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        logits_at = jnp.full((B,), n_real - 1, jnp.int32)
+    def run(params, cache, token_ids, cache_len, logits_at, advancing, state, settings, allowed_bits,
+            previous):
+        T = token_ids.shape[1]
+        positions = cache_len[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         logits, cache = model.forward(params, config, token_ids, positions, cache, cache_len, logits_at)
+        result, new_state = sampling.sample(logits, state, settings, allowed_bits)
+
+        def keep_unless_advancing(new: jax.Array, old: jax.Array) -> jax.Array:
+            return jnp.where(advancing.reshape((-1,) + (1,) * (new.ndim - 1)), new, jnp.asarray(old))
+
+        state = jax.tree.map(keep_unless_advancing, new_state, sampling.SamplerState(*state))
+        result = jax.tree.map(keep_unless_advancing, result, previous)
+        return cache, state, result
+
+    return jax.jit(run, donate_argnums=1, compiler_options=model.compiler_options())
+
+
+@functools.lru_cache(maxsize=8)
+def row_prefill_program(config: ModelConfig) -> Callable:
+    """The jitted prefill of one row of a batch of several.
+
+    ``(params, cache, row [] int32, token_ids [1, T], cache_len [1], logits_at [1], state, settings,
+    allowed_bits [1, W]) -> (cache, state, Sample)`` with the one row's sampler state, settings and
+    sample: only row ``row`` of the cache is read and written (taken out, run, put back), so the
+    other rows' T-token compute is not paid for. Compiled once per (S, T, capacity).
+    """
+
+    def run(params, cache, row, token_ids, cache_len, logits_at, state, settings, allowed_bits):
+        T = token_ids.shape[1]
+        positions = cache_len[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        row_cache = jax.tree.map(lambda buffer: jax.lax.dynamic_slice_in_dim(buffer, row, 1, axis=0), cache)
+        logits, row_cache = model.forward(
+            params, config, token_ids, positions, row_cache, cache_len, logits_at
+        )
+        cache = jax.tree.map(
+            lambda buffer, part: jax.lax.dynamic_update_slice_in_dim(buffer, part, row, axis=0),
+            cache,
+            row_cache,
+        )
         result, state = sampling.sample(logits, state, settings, allowed_bits)
         return cache, state, result
 
     return jax.jit(run, donate_argnums=1, compiler_options=model.compiler_options())
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(batch: tuple, row: jax.Array, one_row: tuple) -> tuple:
+    """Row ``row`` of every array of ``batch`` replaced by ``one_row``'s (arrays with one row)."""
+    return jax.tree.map(
+        lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part.astype(whole.dtype), row, axis=0),
+        batch,
+        one_row,
+    )
+
+
+@jax.jit
+def _take_rows(batch: tuple, rows: jax.Array) -> tuple:
+    """Every array of ``batch`` with rows ``rows`` [S'] (an index past the end gives a zero row): the
+    batch grown, shrunk or reordered."""
+    return jax.tree.map(lambda whole: jnp.take(whole, rows, axis=0, mode="fill", fill_value=0), batch)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One generation: what its consumer asked for, and what the scheduler hands it. The fields
+    under "shared" are read and written under the Generator's lock."""
+
+    prompt: list[int]
+    sampling_params: SamplingParams
+    seed: int
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    constraint: TokenConstraint | None
+    owner: int  # the consumer's thread: a thread that holds every slot cannot wait for one
+    ready: threading.Condition  # notified when an event, an error or the end arrives
+    # shared
+    events: deque[TokenEvent] = field(default_factory=deque)  # produced, not taken by the consumer yet
+    error: BaseException | None = None
+    ended: bool = False  # no event comes after the queued ones
+    cancelled: bool = False
+    # the scheduler's
+    produced: int = 0  # tokens delivered
+
+    @property
+    def keeping_up(self) -> bool:
+        """Under the lock: whether its consumer has taken enough for its row to advance."""
+        return len(self.events) < MAX_UNTAKEN
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One row of the batch: the token ids whose k/v the row holds at slots [0, len(ids)), and the
+    sequence using it (None: free, its ids kept for a returning prefix).
+
+    A decoding sequence's current token is row ``row`` of the batch sample on device: ``unread``
+    while the host has not read it (it may be fed to the next step before it is read), else
+    ``pending`` holds it until a step feeds it."""
+
+    row: int
+    ids: list[int] = field(default_factory=list)
+    sequence: _Sequence | None = None
+    last_used: int = 0
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # prefill chunks still to run
+    capacities: list[int] = field(default_factory=list)  # the cache capacity of each of them
+    unread: bool = False
+    pending: int | None = None
+    fed: bool = False  # during one step: the step feeds this row's current token
+
+    def release(self) -> None:
+        self.sequence, self.chunks, self.capacities = None, [], []
+        self.unread, self.pending, self.fed = False, None, False
+
+
 class Generator:
-    """Owns the jitted programs and the KV cache of one loaded model; one generation at a time."""
+    """Owns the jitted programs and the KV cache of one loaded model; serves many sequences at once.
+
+    Safe to use from several threads: each ``generate()`` iterator is a sequence of its own.
+    """
 
     def __init__(self, config: ModelConfig, params: dict):
         jax_setup.enable_persistent_compilation_cache()
         self._config = config
         self._params = model.unstack_layers(params)
         self._program = step_program(config)
+        self._row_program = row_prefill_program(config)
         self._mask_words = -(-config.vocab_size // 32)
-        self._all_allowed = jnp.full((1, self._mask_words), -1, jnp.int32)
-        self._no_bias = jnp.zeros((1, config.vocab_size), jnp.float32)
-        # The cache and the token ids whose k/v it holds in slots [0, len). Invariant, kept through
-        # interrupts: either both are set and agree, or the ids are empty (nothing reusable).
+        self._all_allowed: dict[int, jax.Array] = {}  # per batch size
+        self._no_bias = np.zeros((1, config.vocab_size), np.float32)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the scheduler waits here for work
+        self._forgotten = threading.Condition(self._lock)  # drop_cache waits here
+        self._waiting: deque[_Sequence] = deque()  # submitted, no slot yet
+        self._live: set[_Sequence] = set()  # submitted, not ended
+        self._thread: threading.Thread | None = None
+        self._forget_requested = False
+        # The scheduler's own (only its thread touches them while it runs): the slots, one per row,
+        # and the batch on device. Invariant, kept through errors: either the cache exists and every
+        # slot's ids are what its row holds, or the cache is None and no slot holds ids.
+        self._slots: list[_Slot] = []
         self._cache: kv_cache.KVCache | None = None
-        self._cached_ids: list[int] = []
-        self._generation = 0  # bumped by each generate(); an older iterator may not resume
-        self.last_reused_tokens = 0  # prompt tokens the last generation took from the cache
+        self._state: sampling.SamplerState | None = None
+        self._settings: sampling.SamplingArrays | None = None
+        self._result: sampling.Sample | None = None
+        self._underused_steps = 0
+        self._admissions = 0
+        self._last_slot: _Slot | None = None
+        self.last_reused_tokens = 0  # prompt tokens the last admitted sequence took from the cache
 
     @property
     def config(self) -> ModelConfig:
@@ -136,14 +278,34 @@ class Generator:
         return self._config.context_length
 
     @property
+    def batch_size(self) -> int:
+        """Rows (slots) of the current batch."""
+        return len(self._slots)
+
+    @property
     def cached_token_count(self) -> int:
-        """How many tokens of the last sequence the cache holds for reuse."""
-        return len(self._cached_ids)
+        """How many tokens of the last admitted sequence its slot holds for reuse."""
+        return len(self._last_slot.ids) if self._last_slot is not None else 0
 
     def drop_cache(self) -> None:
-        """Forget the cached sequence and free its buffers: the next prompt is prefilled whole."""
-        self._generation += 1  # an open iterator must not resume on a cache it no longer owns
-        self._take_cache()
+        """Forget every cached prefix, so the next prompts are prefilled whole; when no sequence is
+        running, also free the cache buffers and go back to one slot."""
+        with self._lock:
+            thread = self._thread
+            if self._live:
+                self._forget_requested = True
+                self._wake.notify()
+                while self._forget_requested:
+                    self._forgotten.wait()
+                return
+        if thread is not None:
+            thread.join()  # it is leaving: nothing is live
+        with self._lock:
+            if self._thread is None and not self._live:
+                self._reset_batch()
+            else:  # a new sequence came meanwhile
+                self._forget_requested = True
+                self._wake.notify()
 
     def generate(
         self,
@@ -155,10 +317,13 @@ class Generator:
         constraint: TokenConstraint | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield one TokenEvent per sampled token. A token in stop_ids is yielded and ends the
-        iteration; otherwise it ends after max_new_tokens. Closing the iterator (close(), break,
-        GeneratorExit, KeyboardInterrupt) stops at once and leaves the engine usable. Raises
-        ContextLengthError before compute if len(prompt_ids) + max_new_tokens > context_length, and
-        InvalidRequestError for an empty prompt or a bad setting (naming the field)."""
+        iteration; otherwise it ends after max_new_tokens. The sequence starts when the iterator is
+        first advanced and runs beside any others. Closing the iterator (close(), break,
+        GeneratorExit, KeyboardInterrupt) stops it within one step and leaves the engine usable.
+        Raises ContextLengthError before compute if len(prompt_ids) + max_new_tokens >
+        context_length, and InvalidRequestError for an empty prompt or a bad setting (naming the
+        field). An error inside a step is raised by the iterator of every sequence it hit;
+        EngineBusyError if this thread already holds every slot with open iterators."""
         prompt = self._validated_prompt(prompt_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
             raise InvalidRequestError(
@@ -175,15 +340,17 @@ class Generator:
         if len(prompt) + max_new_tokens > self.context_length:
             raise ContextLengthError(len(prompt), int(max_new_tokens), self.context_length)
         sampling.validate(sampling_params, self._config.vocab_size)
-        self._generation += 1
-        return self._run(
-            self._generation,
-            prompt,
-            sampling_params,
-            int(max_new_tokens),
-            frozenset(int(t) for t in stop_ids),
-            constraint,
+        sequence = _Sequence(
+            prompt=prompt,
+            sampling_params=sampling_params,
+            seed=secrets.randbits(64) if sampling_params.seed is None else sampling_params.seed,
+            max_new_tokens=int(max_new_tokens),
+            stop_ids=frozenset(int(t) for t in stop_ids),
+            constraint=constraint,
+            owner=threading.get_ident(),
+            ready=threading.Condition(self._lock),
         )
+        return self._consume(sequence)
 
     def _validated_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
@@ -203,167 +370,390 @@ class Generator:
             )
         return prompt
 
-    # -- the cache, kept consistent through interrupts ------------------------------------------------
+    # -- the consumer's side -------------------------------------------------------------------------
 
-    def _take_cache(self) -> kv_cache.KVCache | None:
-        """Hand the cache to a jitted call that donates it. Until ``_keep_cache`` the engine holds no
-        cache and no reusable ids: if the call never returns (an interrupt), the donated buffers are
-        gone and the next generation starts fresh."""
-        cache, self._cache, self._cached_ids = self._cache, None, []
-        return cache
+    def _consume(self, sequence: _Sequence) -> Iterator[TokenEvent]:
+        self._submit(sequence)
+        try:
+            while True:
+                with self._lock:
+                    while not sequence.events and not sequence.ended:
+                        sequence.ready.wait()
+                    if sequence.events:
+                        event = sequence.events.popleft()
+                        self._wake.notify()  # its row may be waiting for this consumer
+                    elif sequence.error is not None:
+                        raise sequence.error
+                    else:
+                        return
+                yield event
+        finally:
+            with self._lock:
+                if not sequence.ended:
+                    sequence.cancelled = True  # its slot is freed before the next step
+                    self._live.discard(sequence)  # and a new sequence may take it already
+                    self._wake.notify()
 
-    def _keep_cache(self, cache: kv_cache.KVCache, cached_ids: list[int]) -> None:
-        self._cache = cache
-        self._cached_ids = cached_ids
+    def _submit(self, sequence: _Sequence) -> None:
+        with self._lock:
+            most = SLOT_BUCKETS[-1]
+            if len(self._live) >= most and all(other.owner == sequence.owner for other in self._live):
+                raise EngineBusyError(
+                    f"This thread holds all {most} of the engine's slots with open generations, so a new "
+                    "one could never start. Iterate one to the end or call its close() first."
+                )
+            self._waiting.append(sequence)
+            self._live.add(sequence)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="nbchat-generator", daemon=True)
+                self._thread.start()
+            else:
+                self._wake.notify()
 
-    def _cache_with_capacity(self, capacity: int, reused: int) -> kv_cache.KVCache:
-        """Take the cache resized to ``capacity`` (its first ``reused`` slots kept), or a fresh one."""
-        cache = self._take_cache()
-        if cache is not None and (reused > 0 or cache.capacity == capacity):
-            return kv_cache.resized(cache, capacity)  # slots past the reused ones are masked anyway
-        del cache  # free the old buffers before allocating new ones
-        return kv_cache.empty_cache(self._config, 1, capacity)
+    # -- the scheduler: bookkeeping under the lock ---------------------------------------------------
 
-    # -- the loop ------------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        """The scheduler thread: one iteration per step until no sequence is left."""
+        while True:
+            with self._lock:
+                while not self._has_work():
+                    if not self._live:
+                        self._thread = None
+                        return
+                    self._wake.wait()
+                if self._forget_requested:
+                    self._forget_requested = False
+                    for slot in self._slots:
+                        if slot.sequence is None:
+                            slot.ids = []
+                    self._forgotten.notify_all()
+                for slot in self._slots:
+                    if slot.sequence is not None and slot.sequence.cancelled:
+                        self._end(slot, None)
+                admitted = self._admit()
+            try:
+                for slot in admitted:
+                    self._plan_prefill(slot)
+                self._iterate()
+            except BaseException as error:  # noqa: BLE001 - raised by every sequence it hit
+                with self._lock:
+                    for slot in self._slots:
+                        if slot.sequence is not None:
+                            self._end(slot, error)
+                    self._reset_batch()
 
-    def _run(
-        self,
-        generation: int,
-        prompt: list[int],
-        sampling_params: SamplingParams,
-        max_new_tokens: int,
-        stop_ids: frozenset[int],
-        constraint: TokenConstraint | None,
-    ) -> Iterator[TokenEvent]:
-        self._check_current(generation)
-        context = self.context_length
-        vocab = self._config.vocab_size
-        seed = secrets.randbits(64) if sampling_params.seed is None else sampling_params.seed
-        settings = self._device_settings(sampling_params)
-        initial_state = jax.device_put(sampling.initial_state([prompt], vocab, seed))
-        n_top = sampling_params.top_logprobs
+    def _has_work(self) -> bool:
+        if self._forget_requested or (self._waiting and self._has_room()):
+            return True
+        for slot in self._slots:
+            sequence = slot.sequence
+            if sequence is not None and (sequence.cancelled or slot.chunks or sequence.keeping_up):
+                return True
+        return False
 
+    def _has_room(self) -> bool:
+        return len(self._slots) < SLOT_BUCKETS[-1] or any(slot.sequence is None for slot in self._slots)
+
+    def _admit(self) -> list[_Slot]:
+        """Give waiting sequences a slot, growing the batch when none is free: the free slot holding
+        the longest prefix of the prompt, else an empty one, else the least recently used."""
+        admitted = []
+        while self._waiting and self._has_room():
+            sequence = self._waiting.popleft()
+            if sequence.cancelled:  # closed before it started
+                self._finish(sequence, None)
+                continue
+            free = [slot for slot in self._slots if slot.sequence is None]
+            if not free:
+                self._resize_rows(next(size for size in SLOT_BUCKETS if size > len(self._slots)))
+                free = [slot for slot in self._slots if slot.sequence is None]
+
+            def preference(slot: _Slot, prompt: list[int] = sequence.prompt) -> tuple[int, bool, int]:
+                return (kv_cache.common_prefix_length(slot.ids, prompt), not slot.ids, -slot.last_used)
+
+            slot = max(free, key=preference)
+            slot.sequence = sequence
+            self._admissions += 1
+            slot.last_used = self._admissions
+            self._last_slot = slot
+            admitted.append(slot)
+        return admitted
+
+    def _end(self, slot: _Slot, error: BaseException | None) -> None:
+        """Free ``slot`` at once (its ids stay for reuse) and end its sequence."""
+        sequence = slot.sequence
+        slot.release()
+        self._finish(sequence, error)
+
+    def _finish(self, sequence: _Sequence, error: BaseException | None) -> None:
+        sequence.error, sequence.ended = error, True
+        self._live.discard(sequence)
+        sequence.ready.notify()
+
+    def _reset_batch(self) -> None:
+        self._slots, self._last_slot, self._underused_steps = [], None, 0
+        self._cache = self._state = self._settings = self._result = None
+
+    # -- the scheduler: device work ------------------------------------------------------------------
+
+    def _iterate(self) -> None:
+        """One chunk of the oldest admitted sequence's prefill, then one decode step."""
+        prefilling = [slot for slot in self._slots if slot.chunks]
+        if prefilling:
+            self._prefill_chunk(min(prefilling, key=lambda slot: slot.last_used))
+        self._decode_step()
+        self._maybe_shrink()
+
+    def _plan_prefill(self, slot: _Slot) -> None:
+        """Plan a newly admitted sequence's prefill chunks and their cache capacities."""
+        sequence = slot.sequence
+        prompt, context = sequence.prompt, self.context_length
         # Reuse the cached prefix, but prefill at least one token: its logits give the first sample.
-        reused = min(kv_cache.common_prefix_length(self._cached_ids, prompt), len(prompt) - 1)
+        reused = min(kv_cache.common_prefix_length(slot.ids, prompt), len(prompt) - 1)
         self.last_reused_tokens = reused
+        slot.ids = slot.ids[:reused]
         chunks = plan_prefill(reused, len(prompt), context)
-        # A one-chunk prompt (a chat turn) is prefilled at the capacity decoding starts with. The
-        # chunks of a long prompt run at the smallest capacity holding each (attention reads every
-        # slot of the capacity), and the cache grows for decoding afterwards.
-        decode_capacity = kv_cache.capacity_for(
-            min(
-                max(chunks[-1][0] + chunks[-1][1], len(prompt) + min(max_new_tokens, DECODE_RESERVE)), context
-            ),
-            context,
-        )
+        last_start, last_padded, _ = chunks[-1]
+        reply_room = len(prompt) + min(sequence.max_new_tokens, DECODE_RESERVE)
+        decode_end = min(max(last_start + last_padded, reply_room), context)
+        decode_capacity = kv_cache.capacity_for(decode_end, context)
+        # A one-chunk prompt (a chat turn) is prefilled at the capacity decoding starts with. Alone,
+        # the chunks of a long prompt run at the smallest capacity holding each (attention reads
+        # every slot of the capacity) and the cache grows for decoding afterwards; beside other
+        # sequences the cache only grows.
         if len(chunks) == 1:
             capacities = [decode_capacity]
         else:
             capacities = [kv_cache.capacity_for(start + padded, context) for start, padded, _ in chunks]
-        cache = self._cache_with_capacity(capacities[0], reused)
-        # The ids of the tokens in the cache. The engine holds this very list between calls: it is only
-        # changed while the cache is taken (when the engine holds an empty list instead).
-        in_cache = prompt[:reused]
-        self._keep_cache(cache, in_cache)
+            capacities[-1] = max(capacities[-1], decode_capacity)
+        alone = all(other is slot or other.sequence is None for other in self._slots)
+        if self._cache is not None and not alone:
+            capacities = [max(capacity, self._cache.capacity) for capacity in capacities]
+        slot.chunks, slot.capacities = chunks, capacities
+        if self._cache is None or (len(self._slots) == 1 and reused == 0):
+            self._cache = None  # free the old buffers before allocating new ones
+            self._cache = kv_cache.empty_cache(self._config, len(self._slots), capacities[0])
+            for other in self._slots:
+                other.ids = other.ids if other is slot else []
 
-        result = None
-        for i, ((start, padded, real), capacity) in enumerate(zip(chunks, capacities, strict=True)):
-            last = i == len(chunks) - 1
-            tokens = np.zeros((1, padded), np.int32)
-            tokens[0, :real] = prompt[start : start + real]
-            bits = self._allowed_bits(constraint) if last else self._all_allowed
-            cache = kv_cache.resized(self._take_cache(), capacity)
+    def _prefill_chunk(self, slot: _Slot) -> None:
+        sequence = slot.sequence
+        (start, padded, real), capacity = slot.chunks.pop(0), slot.capacities.pop(0)
+        last = not slot.chunks
+        self._resize_cache(capacity)
+        tokens = np.zeros((1, padded), np.int32)
+        tokens[0, :real] = sequence.prompt[start : start + real]
+        try:
+            bits = self._allowed_bits(sequence.constraint) if last else self._all_allowed_bits(1)
+        except BaseException as error:  # noqa: BLE001 - the constraint's error is its sequence's
+            with self._lock:
+                self._end(slot, error)
+            return
+        row_settings = self._row_settings(sequence.sampling_params)
+        row_state = sampling.initial_state([sequence.prompt], self._config.vocab_size, sequence.seed)
+        cache_len, logits_at = np.array([start], np.int32), np.array([real - 1], np.int32)
+        cache, self._cache = self._cache, None  # donated: gone if the call fails
+        if len(self._slots) == 1:
             cache, state, result = self._program(
-                self._params, cache, tokens, np.int32(start), np.int32(real), initial_state, settings, bits
+                self._params, cache, tokens, cache_len, logits_at, np.ones(1, bool), row_state,
+                row_settings, bits, self._empty_sample(1),
             )
-            in_cache = prompt[: start + real]
-            self._keep_cache(cache, in_cache)
-        if decode_capacity > self._cache_capacity():
-            self._keep_cache(kv_cache.resized(self._take_cache(), decode_capacity), in_cache)
-
-        # Without a constraint the next step needs nothing from the host (its input token stays on
-        # device), so it is started before this token is read: the device computes while the host
-        # delivers the token (detokenizing, rendering), instead of idling between steps (measured
-        # on SmolLM2-135M: 23.3 -> 21.5 ms per token). After a stop token that step was for nothing.
-        for produced in range(1, max_new_tokens + 1):
-            more = produced < max_new_tokens
-            ahead = more and constraint is None
-            if ahead:
-                next_result, state = self._decode_step(result, in_cache, state, settings, self._all_allowed)
-            event = self._event(result, n_top)
-            if ahead:
-                self._record(in_cache, event.token_id)  # its k/v are being written by that step
-            if constraint is not None:
-                constraint.advance(event.token_id)
-            yield event
-            self._check_current(generation)
-            if event.token_id in stop_ids or not more:
-                return
-            if not ahead:
-                bits = self._allowed_bits(constraint)
-                next_result, state = self._decode_step(result, in_cache, state, settings, bits)
-                self._record(in_cache, event.token_id)
-            result = next_result
-
-    def _decode_step(
-        self,
-        result: sampling.Sample,
-        in_cache: list[int],
-        state: sampling.SamplerState,
-        settings: sampling.SamplingArrays,
-        bits: jax.Array | np.ndarray,
-    ) -> tuple[sampling.Sample, sampling.SamplerState]:
-        """Start the step that feeds ``result``'s token (still on device) at slot ``len(in_cache)``;
-        the caller records the token's id with ``_record`` once it knows it."""
-        position = len(in_cache)
-        if position + 1 > self._cache_capacity():
-            capacity = kv_cache.capacity_for(
-                min(position + DECODE_RESERVE, self.context_length), self.context_length
+        else:
+            cache, state, result = self._row_program(
+                self._params, cache, np.int32(slot.row), tokens, cache_len, logits_at, row_state,
+                row_settings, bits,
             )
-            self._keep_cache(kv_cache.resized(self._take_cache(), capacity), in_cache)
-        cache = self._take_cache()
-        cache, state, next_result = self._program(
-            self._params,
-            cache,
-            result.token_ids[:, None],
-            np.int32(position),
-            np.int32(1),
-            state,
-            settings,
-            bits,
+        self._cache = cache
+        slot.ids = sequence.prompt[: start + real]
+        if not last:
+            return
+        if len(self._slots) == 1:
+            self._state, self._settings, self._result = state, jax.device_put(row_settings), result
+        else:
+            if self._state is None:
+                self._state, self._settings, self._result = self._empty_batch(len(self._slots))
+            self._state, self._settings, self._result = _set_row(
+                (self._state, self._settings, self._result), np.int32(slot.row), (state, row_settings, result)
+            )
+        slot.unread = True
+
+    def _decode_step(self) -> None:
+        """Feed every row that may advance its current token; deliver the tokens of the rows whose
+        consumers keep up.
+
+        An unconstrained row's token stays on device and is fed before it is read, so the device
+        computes while the host delivers (measured on SmolLM2-135M: 23.3 -> 21.5 ms per token); a
+        constrained row is read first (its next mask needs the token) and fed in the next step. A
+        row whose consumer has fallen behind neither advances nor is read (its token waits on
+        device), so it pauses alone.
+        """
+        with self._lock:
+            active = [
+                slot for slot in self._slots
+                if slot.sequence is not None and not slot.chunks and slot.sequence.keeping_up
+            ]
+        reading = [slot for slot in active if slot.unread]
+        for slot in active:
+            sequence = slot.sequence
+            more = sequence.produced + slot.unread < sequence.max_new_tokens
+            slot.fed = more and not (slot.unread and sequence.constraint is not None)
+        feeding = [slot for slot in active if slot.fed]
+        previous = self._result
+        if feeding:
+            bits = self._step_bits(feeding)
+            feeding = [slot for slot in feeding if slot.fed]
+            if feeding:
+                self._dispatch(feeding, bits)
+        reading = [slot for slot in reading if slot.sequence is not None]
+        if reading:
+            self._deliver(reading, previous)
+        for slot in self._slots:
+            slot.fed = False
+
+    def _step_bits(self, feeding: list[_Slot]) -> jax.Array | np.ndarray:
+        """The step's allowed-token masks; a row whose constraint fails ends instead of advancing."""
+        constrained = [slot for slot in feeding if slot.sequence.constraint is not None]
+        if not constrained:
+            return self._all_allowed_bits(len(self._slots))
+        bits = np.full((len(self._slots), self._mask_words), -1, np.int32)
+        for slot in constrained:
+            try:
+                bits[slot.row] = self._allowed_bits(slot.sequence.constraint)[0]
+            except BaseException as error:  # noqa: BLE001 - the constraint's error is its sequence's
+                with self._lock:
+                    self._end(slot, error)
+        return bits
+
+    def _dispatch(self, feeding: list[_Slot], bits: jax.Array | np.ndarray) -> None:
+        """Start the step feeding ``feeding``'s current tokens (still on device) at their next slot."""
+        needed = max(len(slot.ids) + 1 for slot in self._slots if slot.sequence is not None)
+        if needed > self._cache.capacity:
+            context = self.context_length
+            self._resize_cache(kv_cache.capacity_for(min(needed - 1 + DECODE_RESERVE, context), context))
+        capacity = self._cache.capacity
+        for slot in self._slots:
+            if slot.sequence is None and len(slot.ids) >= capacity:
+                slot.ids = slot.ids[: capacity - 1]  # its row's (unused) write lands on the last slot
+        cache_len = np.array([len(slot.ids) for slot in self._slots], np.int32)
+        advancing = np.array([slot.fed for slot in self._slots], bool)
+        cache, self._cache = self._cache, None  # donated: gone if the call fails
+        cache, self._state, self._result = self._program(
+            self._params, cache, self._result.token_ids[:, None], cache_len, np.zeros_like(cache_len),
+            advancing, self._state, self._settings, bits, self._result,
         )
-        self._keep_cache(cache, in_cache)  # slot `position` is written but not yet counted as cached
-        return next_result, state
+        self._cache = cache
+        for slot in feeding:
+            if not slot.unread:  # a token read earlier: its k/v are being written now
+                slot.ids.append(slot.pending)
+                slot.unread, slot.pending = True, None  # the step makes its next token
+        busy = sum(slot.sequence is not None for slot in self._slots)
+        self._underused_steps = self._underused_steps + 1 if busy * 2 <= len(self._slots) else 0
 
-    def _record(self, in_cache: list[int], token_id: int) -> None:
-        """Count the token fed by the last ``_decode_step`` as cached (the list may only change while
-        the cache is taken: see ``_keep_cache``)."""
-        cache = self._take_cache()
-        in_cache.append(token_id)
-        self._keep_cache(cache, in_cache)
+    def _deliver(self, reading: list[_Slot], result: sampling.Sample) -> None:
+        """Read the tokens of ``reading`` from ``result`` (the batch sample before the step just
+        started) and hand each to its sequence; a stop id or the last allowed token ends it."""
+        wanted = [result.token_ids, result.logprobs]
+        if any(slot.sequence.sampling_params.top_logprobs for slot in reading):
+            wanted += [result.top_ids, result.top_logprobs]
+        host = jax.device_get(wanted)
+        for slot in reading:
+            sequence, row = slot.sequence, slot.row
+            token_id = int(host[0][row])
+            n_top = sequence.sampling_params.top_logprobs
+            top = tuple(
+                (int(t), float(lp)) for t, lp in zip(host[2][row, :n_top], host[3][row, :n_top], strict=True)
+            ) if n_top else ()
+            if slot.fed:  # the step just started feeds it: its k/v are being written
+                slot.ids.append(token_id)
+            else:
+                slot.unread, slot.pending = False, token_id
+            sequence.produced += 1
+            error = None
+            if sequence.constraint is not None:
+                try:
+                    sequence.constraint.advance(token_id)
+                except BaseException as raised:  # noqa: BLE001 - the constraint's error is its sequence's
+                    error = raised
+            with self._lock:
+                sequence.events.append(TokenEvent(token_id, float(host[1][row]), top))
+                sequence.ready.notify()
+                last = sequence.produced >= sequence.max_new_tokens
+                if error is not None or token_id in sequence.stop_ids or last:
+                    self._end(slot, error)
 
-    def _check_current(self, generation: int) -> None:
-        if self._generation != generation:
-            raise RuntimeError(
-                "This generation was superseded by a newer generate() call on the same "
-                "Generator, which runs one generation at a time."
+    # -- the batch's shape ---------------------------------------------------------------------------
+
+    def _resize_cache(self, capacity: int) -> None:
+        """The cache at ``capacity`` slots per row (a copy); rows keep their first slots."""
+        if self._cache.capacity == capacity:
+            return
+        self._cache = kv_cache.resized(self._cache, capacity)
+        for slot in self._slots:
+            slot.ids = slot.ids[:capacity]
+
+    def _resize_rows(self, size: int, kept: list[_Slot] | None = None) -> None:
+        """The batch at ``size`` rows: ``kept``'s rows in that order (default: every row), then
+        empty ones."""
+        kept = self._slots if kept is None else kept
+        rows = np.array([slot.row for slot in kept] + list(range(len(self._slots), len(self._slots) + size)),
+                        np.int32)[:size]
+        if self._cache is not None:
+            self._cache, self._state, self._settings, self._result = _take_rows(
+                (self._cache, self._state, self._settings, self._result), rows
             )
+        for index, slot in enumerate(kept):
+            slot.row = index
+        self._slots = kept[:size] + [_Slot(row=index) for index in range(len(kept), size)]
+        self._all_allowed.clear()
 
-    def _cache_capacity(self) -> int:
-        if self._cache is None:
-            raise RuntimeError("The KV cache was lost during this generation.")
-        return self._cache.capacity
+    def _maybe_shrink(self) -> None:
+        """After SHRINK_AFTER_STEPS steps with half the rows or more unused, drop to the smallest
+        bucket holding the busy rows, keeping the most recently used free rows' prefixes."""
+        if len(self._slots) == 1 or self._underused_steps < SHRINK_AFTER_STEPS:
+            return
+        busy = [slot for slot in self._slots if slot.sequence is not None]
+        size = next(size for size in SLOT_BUCKETS if size >= max(len(busy), 1))
+        free = sorted(
+            (slot for slot in self._slots if slot.sequence is None), key=lambda slot: -slot.last_used
+        )
+        kept = (busy + free)[:size]
+        if self._last_slot not in kept:
+            self._last_slot = None
+        self._resize_rows(size, kept)
+        self._underused_steps = 0
 
-    def _device_settings(self, sampling_params: SamplingParams) -> sampling.SamplingArrays:
+    # -- arrays --------------------------------------------------------------------------------------
+
+    def _row_settings(self, sampling_params: SamplingParams) -> sampling.SamplingArrays:
         settings = sampling.sampling_arrays([sampling_params], self._config.vocab_size)
-        if not sampling_params.logit_bias:  # the common case: skip sending V zeros
+        if not sampling_params.logit_bias:  # the common case: skip building V zeros
             settings = settings._replace(logit_bias=self._no_bias)
-        return jax.device_put(settings)
+        return settings
+
+    def _empty_sample(self, size: int) -> sampling.Sample:
+        n_top = min(sampling.MAX_TOP_LOGPROBS, sampling.MAX_CANDIDATES, self._config.vocab_size)
+        return sampling.Sample(
+            np.zeros(size, np.int32), np.zeros(size, np.float32),
+            np.zeros((size, n_top), np.int32), np.zeros((size, n_top), np.float32),
+        )
+
+    def _empty_batch(self, size: int) -> tuple:
+        """Sampler state, settings and sample for ``size`` rows, none in use."""
+        vocab = self._config.vocab_size
+        state = sampling.initial_state([[]] * size, vocab, 0)
+        settings = sampling.sampling_arrays([SamplingParams()] * size, vocab)
+        return jax.device_put((state, settings, self._empty_sample(size)))
+
+    def _all_allowed_bits(self, size: int) -> jax.Array:
+        if size not in self._all_allowed:
+            self._all_allowed[size] = jnp.full((size, self._mask_words), -1, jnp.int32)
+        return self._all_allowed[size]
 
     def _allowed_bits(self, constraint: TokenConstraint | None) -> jax.Array | np.ndarray:
+        """One row's mask [1, W]."""
         mask = None if constraint is None else constraint.allowed_bitmask()
         if mask is None:
-            return self._all_allowed
+            return self._all_allowed_bits(1)
         mask = np.asarray(mask, dtype=np.int32).reshape(1, -1)
         if mask.shape[1] != self._mask_words:
             raise ValueError(
@@ -371,17 +761,3 @@ class Generator:
                 f"(ceil(vocab_size / 32) for vocab_size {self._config.vocab_size})."
             )
         return mask
-
-    @staticmethod
-    def _event(result: sampling.Sample, n_top: int) -> TokenEvent:
-        if n_top:
-            token_id, logprob, top_ids, top_logprobs = jax.device_get(
-                (result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)
-            )
-            top = tuple(
-                (int(t), float(lp)) for t, lp in zip(top_ids[0, :n_top], top_logprobs[0, :n_top], strict=True)
-            )
-        else:
-            token_id, logprob = jax.device_get((result.token_ids, result.logprobs))
-            top = ()
-        return TokenEvent(int(token_id[0]), float(logprob[0]), top)

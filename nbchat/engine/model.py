@@ -220,7 +220,7 @@ def attention(
 
     q: [B, T, Hkv, G, hd]; k, v: [B, Hkv, T, hd] (the new tokens); positions: [B, T];
     cached_k: [B, Hkv, hd, C] (transposed, see ``KVCache``), cached_v: [B, Hkv, C, hd], or both None;
-    cache_len: [] int, slots [0, cache_len) are valid.
+    cache_len: [B] int, row b's slots [0, cache_len[b]) are valid.
     Returns [B, T, Hkv, G, hd].
 
     The G query heads sharing a kv head are stacked as R = G * T rows (row g * T + t), so every
@@ -242,7 +242,8 @@ def attention(
     else:
         C = cached_k.shape[3]
         cached_scores = jnp.einsum("bkrd,bkds->bkrs", rows, cached_k.astype(COMPUTE_DTYPE))  # [B, Hkv, R, C]
-        cached_scores = jnp.where(jnp.arange(C) < cache_len, cached_scores, -jnp.inf)
+        valid = jnp.arange(C) < cache_len[:, None, None, None]  # [B, 1, 1, C]
+        cached_scores = jnp.where(valid, cached_scores, -jnp.inf)
         # Every query sees at least itself, so the max is finite and the denominator positive.
         top = jnp.maximum(cached_scores.max(axis=-1), new_scores.max(axis=-1))[..., None]  # [B, Hkv, R, 1]
         cached_weights, new_weights = jnp.exp(cached_scores - top), jnp.exp(new_scores - top)
@@ -263,10 +264,11 @@ def forward(
 ) -> tuple[jax.Array, kv_cache.KVCache | None]:
     """Run the decoder on T new tokens per sequence.
 
-    token_ids, positions: [B, T] int. With a cache, the new tokens attend to slots [0, cache_len)
-    and (causally) to each other, and their k/v are written at slots [cache_len, cache_len + T):
-    the caller keeps positions == cache_len + arange(T) and cache_len + T <= capacity (cache_len is
-    a traced [] int). Without a cache this is the plain full-sequence forward.
+    token_ids, positions: [B, T] int. With a cache, row b's new tokens attend to its slots
+    [0, cache_len[b]) and (causally) to each other, and their k/v are written at its slots
+    [cache_len[b], cache_len[b] + T): the caller keeps positions[b] == cache_len[b] + arange(T) and
+    cache_len[b] + T <= capacity (cache_len is a traced [B] int, one length per row, so rows of a
+    batch may sit at different positions). Without a cache this is the plain full-sequence forward.
 
     logits_at: [B] int, the index along T whose logits are wanted (the last real token of a padded
     prompt): the vocabulary projection is the largest matmul, so only needed rows go through it.

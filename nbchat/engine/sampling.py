@@ -2,7 +2,9 @@
 
 Every setting reaches the jitted code as an array (one value per batch row), so changing the
 temperature, top_p, penalties, bias or seed never compiles a new program. Sampler state (the RNG key,
-generated-token counts, the set of tokens seen) lives on device between steps.
+generated-token counts, the set of tokens seen) lives on device between steps, one row per sequence:
+each row has its own key, so a row's draws depend only on its own seed and logits, never on which
+other sequences share the batch.
 
 What a step does to the logits of row b, in order:
   1. repetition_penalty (Hugging Face / CTRL): for every token in the prompt or generated so far,
@@ -153,7 +155,7 @@ def sampling_arrays(rows: Sequence[SamplingParams], vocab_size: int) -> Sampling
 class SamplerState(NamedTuple):
     """What the sampler carries from one token to the next, on device."""
 
-    key: jax.Array  # [2] uint32, raw threefry key data
+    key: jax.Array  # [B, 2] uint32, raw threefry key data per row ([2]: one key shared by every row)
     counts: jax.Array  # [B, V] int32, how often each token was generated
     seen: jax.Array  # [B, V] bool, tokens in the prompt or generated (repetition penalty)
 
@@ -164,12 +166,17 @@ def key_data(seed: int) -> np.ndarray:
     return np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
 
 
-def initial_state(prompts: Sequence[Sequence[int]], vocab_size: int, seed: int) -> SamplerState:
-    """Host arrays for a fresh generation of ``len(prompts)`` rows."""
+def initial_state(
+    prompts: Sequence[Sequence[int]], vocab_size: int, seed: int | Sequence[int]
+) -> SamplerState:
+    """Host arrays for a fresh generation of ``len(prompts)`` rows, seeded with ``seed`` (one seed
+    for every row, or one per row)."""
     seen = np.zeros((len(prompts), vocab_size), bool)
     for b, prompt in enumerate(prompts):
         seen[b, np.asarray(prompt, dtype=np.int64)] = True
-    return SamplerState(key_data(seed), np.zeros((len(prompts), vocab_size), np.int32), seen)
+    seeds = [seed] * len(prompts) if isinstance(seed, (int, np.integer)) else list(seed)
+    keys = np.stack([key_data(int(row_seed)) for row_seed in seeds]).reshape(len(prompts), 2)
+    return SamplerState(keys, np.zeros((len(prompts), vocab_size), np.int32), seen)
 
 
 class Sample(NamedTuple):
@@ -234,9 +241,9 @@ def sample_whole_vocabulary(key: jax.Array, logits: jax.Array, block: int = 256)
 
 
 def choose(
-    processed: jax.Array, key: jax.Array, settings: SamplingArrays
+    processed: jax.Array, keys: jax.Array, settings: SamplingArrays
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Step 5 of the module docstring. processed: [B, V]; key: a typed PRNG key.
+    """Step 5 of the module docstring. processed: [B, V]; keys: [B] typed PRNG keys, one per row.
 
     Returns (token ids [B], candidate ids [B, MAX_CANDIDATES] and their processed logits, most
     likely first), the candidates being reusable for the top log-probs.
@@ -250,13 +257,14 @@ def choose(
 
     scaled, candidates, keep = _scaled_candidates(processed, candidate_logits, settings)
 
-    truncated_key, full_key = jax.random.split(key)
-    picked = jax.random.categorical(truncated_key, jnp.where(keep, candidates, -jnp.inf), axis=-1)
+    split = jax.vmap(jax.random.split)(keys)  # [B, 2]
+    truncated_keys, full_keys = split[:, 0], split[:, 1]
+    picked = jax.vmap(jax.random.categorical)(truncated_keys, jnp.where(keep, candidates, -jnp.inf))
     truncated = jnp.take_along_axis(candidate_ids, picked[:, None], axis=-1)[:, 0]
     filtered = (settings.top_k > 0) | (settings.top_p < 1.0) | (settings.min_p > 0.0)
     full = jax.lax.cond(  # on CPU a cond runs one branch: skipped for greedy and filtered rows
         jnp.any((settings.temperature > 0.0) & ~filtered),
-        lambda: sample_whole_vocabulary(full_key, scaled),
+        lambda: jax.vmap(lambda key, row: sample_whole_vocabulary(key, row[None])[0])(full_keys, scaled),
         lambda: jnp.zeros((B,), jnp.int32),
     )
     sampled = jnp.where(filtered, truncated, full)
@@ -312,8 +320,11 @@ def sample(
     """Process ``logits`` [B, V], pick one token per row, and advance the sampler state."""
     state = SamplerState(*(jnp.asarray(part) for part in state))
     processed = process_logits(logits, state, settings, allowed_bits)
-    key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl="threefry2x32"))
-    token_ids, candidate_ids, candidate_logits = choose(processed, step_key, settings)
+    B = logits.shape[0]
+    keys = jax.random.wrap_key_data(jnp.broadcast_to(state.key, (B, 2)), impl="threefry2x32")  # [B]
+    split = jax.vmap(jax.random.split)(keys)  # [B, 2]
+    next_keys, step_keys = split[:, 0], split[:, 1]
+    token_ids, candidate_ids, candidate_logits = choose(processed, step_keys, settings)
 
     log_total = jax.nn.logsumexp(processed, axis=-1, keepdims=True)  # [B, 1]
     chosen = jnp.take_along_axis(processed, token_ids[:, None], axis=-1)[:, 0] - log_total[:, 0]
@@ -329,7 +340,7 @@ def sample(
 
     rows = jnp.arange(token_ids.shape[0])
     new_state = SamplerState(
-        key=jax.random.key_data(key),
+        key=jax.random.key_data(next_keys),
         counts=state.counts.at[rows, token_ids].add(1),
         seen=state.seen.at[rows, token_ids].set(True),
     )
