@@ -87,11 +87,12 @@ def decode_rate(timestamps: list[float]) -> tuple[float, int]:
 
 def engine_level(loaded, generator, compiler, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
     from nbchat.engine.generate import SamplingParams
+    from nbchat.plan import strict_schema
 
     greedy = SamplingParams(temperature=0.0)
 
     def run(constrained: bool) -> dict:
-        constraint = TimedConstraint(compiler.json_schema(SCHEMA, strict=True)) if constrained else None
+        constraint = TimedConstraint(compiler.json_schema(strict_schema(SCHEMA))) if constrained else None
         stamps, ids = [], []
         for event in generator.generate(prompt_ids, greedy, max_new_tokens=new_tokens, constraint=constraint):
             stamps.append(time.perf_counter())
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from nbchat.api import Engine
     from nbchat.engine.constraints import GrammarCompiler
+    from nbchat.plan import strict_schema
 
     engine = Engine(args.model).load()
     loaded, generator = engine._loaded, engine._generator
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     _, prompt_ids = engine.render_prompt([{"role": "user", "content": PROMPT}])
     started = time.perf_counter()
-    compiler.json_schema(SCHEMA, strict=True)
+    compiler.json_schema(strict_schema(SCHEMA))
     compile_ms = (time.perf_counter() - started) * 1e3
 
     print("engine level ...", file=sys.stderr)

@@ -6,6 +6,7 @@ model; ``nbchat.Engine`` is the OpenAI-style chat completion API. Heavy names ar
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,16 @@ from nbchat.errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def _not_the_torch_advisory(record: logging.LogRecord) -> bool:
+    """nbchat uses transformers for tokenizers only, so its "PyTorch was not found" advisory (a red
+    stderr block under the first chat in JupyterLab) tells the user nothing."""
+    return "PyTorch was not found" not in record.getMessage()
+
+
+# Set before transformers is first imported (it logs the advisory at import) on the logger it uses.
+logging.getLogger("transformers").addFilter(_not_the_torch_advisory)
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {

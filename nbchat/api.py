@@ -1,10 +1,12 @@
 """The in-process OpenAI-style chat completion API: ``Engine`` and
 ``engine.chat.completions.create(**request)``.
 
-A request is validated (``nbchat.protocol``), rendered into prompt ids (``nbchat.templates``) and,
-for ``response_format`` and ``tools``, given a grammar constraint (``nbchat.engine.constraints``)
-before any compute; then the engine's ``Generator`` yields token events that become stream chunks
-(detokenized, cut at stop strings, tool calls parsed out by ``nbchat.tools``, with logprobs). A
+A request is validated once (``nbchat.protocol``); the engine then builds one job from it with the
+checks that need the model (its name, vocabulary and context), the prompt ids (``nbchat.templates``)
+and, for ``response_format`` and ``tools``, a grammar constraint (``nbchat.plan``), all before any
+compute. The engine's ``Generator`` yields token events that become stream chunks (detokenized, cut
+at stop strings, tool calls parsed out by the chat format, with logprobs); the Generator's own
+invariant errors (plain ValueErrors) become InvalidRequestError here. A
 non-streaming response is that same stream collected, so the two can never disagree. Every surface
 (magics, panel, kernel, server, CLI) calls this module.
 
@@ -16,45 +18,44 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from nbchat.engine.limits import LOGPROB_FLOOR
 from nbchat.errors import ContextLengthError, InvalidRequestError
 from nbchat.errors import EngineBusyError as EngineBusyError  # re-exported: the Generator raises it
-from nbchat.protocol import (
+from nbchat.models import DEFAULT_MODEL
+from nbchat.plan import GenerationPlan, plan_generation
+from nbchat.protocol.deltas import add_tool_call_delta
+from nbchat.protocol.requests import ChatCompletionRequest, validate_request
+from nbchat.protocol.responses import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
-    ChatCompletionRequest,
     Choice,
     ChoiceDelta,
     ChoiceLogprobs,
     ChunkChoice,
     FinishReason,
-    NamedToolChoice,
     ResponseFunctionCall,
     ResponseToolCall,
     TokenLogprob,
     TopLogprob,
     Usage,
-    validate_request,
 )
-from nbchat.tools import add_tool_call_delta
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
     from nbchat.engine.detokenize import TokenBytes
-    from nbchat.engine.generate import Generator, SamplingParams, TokenConstraint, TokenEvent
+    from nbchat.engine.generate import Generator, SamplingParams, TokenEvent
     from nbchat.models import LoadedModel
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 # Request fields an Engine default may not set: they describe one call, not a session.
 _PER_CALL_FIELDS = ("messages", "stream", "stream_options", "continue_final_message")
 # How many prompt ids the detokenizer sees before a continued message, so its first token reads right.
 _CONTEXT_IDS_FOR_CONTINUATION = 8
-_MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -69,119 +70,6 @@ class ModelInfo:
     num_layers: int
     vocab_size: int
     source: str
-
-
-# --------------------------------------------------------------------------------------------------
-# How a request generates: the one place that decides constraints and output parsing per request.
-
-
-class ChoiceOutput(Protocol):
-    """Turns a choice's visible text into OpenAI delta dicts (``{"content": ...}`` or
-    ``{"tool_calls": [...]}``, as ``nbchat.tools.ToolCallParser`` produces them)."""
-
-    def feed(self, text: str) -> list[dict[str, Any]]: ...
-
-    def finish(self) -> list[dict[str, Any]]: ...
-
-    def finish_reason(self, ended_by: FinishReason) -> FinishReason:
-        """The choice's finish_reason, given why generation ended ("stop" or "length")."""
-        ...
-
-
-class TextOutput:
-    """Plain text: every piece of text is a content delta."""
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        return [{"content": text}] if text else []
-
-    def finish(self) -> list[dict[str, Any]]:
-        return []
-
-    def finish_reason(self, ended_by: FinishReason) -> FinishReason:
-        return ended_by
-
-
-class ToolCallOutput:
-    """A reply that may call tools: content and Hermes-syntax tool calls (``nbchat.tools``' parser).
-    A reply that ended by itself after calling tools finishes with "tool_calls"; a call forced by a
-    named tool_choice finishes with "stop", as OpenAI's does."""
-
-    def __init__(self, *, named_choice: bool):
-        from nbchat.tools import ToolCallParser
-
-        self._parser = ToolCallParser()
-        self._named_choice = named_choice
-
-    def feed(self, text: str) -> list[dict[str, Any]]:
-        return self._parser.feed(text)
-
-    def finish(self) -> list[dict[str, Any]]:
-        return self._parser.finish()
-
-    def finish_reason(self, ended_by: FinishReason) -> FinishReason:
-        if ended_by == "stop" and self._parser.tool_calls and not self._named_choice:
-            return "tool_calls"
-        return ended_by
-
-
-@dataclass(frozen=True)
-class GenerationPlan:
-    """Per-request generation choices: the token constraint of each choice (None = unconstrained),
-    how its text becomes deltas, the tools the chat template is given, and whether special tokens
-    stay in the text (when the tool-call tags are special tokens, the parser must see them)."""
-
-    new_constraint: Callable[[], TokenConstraint | None]
-    new_output: Callable[[], ChoiceOutput]
-    template_tools: list[dict[str, Any]] | None = None
-    keep_special_tokens: bool = False
-
-
-def plan_generation(request: ChatCompletionRequest, loaded: LoadedModel) -> GenerationPlan:
-    """Decide how ``request`` generates: ``response_format`` and ``tools``/``tool_choice`` become a
-    grammar constraint (built once here, so a schema that does not compile is an InvalidRequestError
-    before any compute) and tool calls are parsed out of the text.
-
-    ``tool_choice="none"`` generates plain text (or the response_format) and does not show the tools
-    to the model, so that it does not write calls the reply could not make.
-    """
-    response_format = request.response_format_spec()
-    tool_choice = request.effective_tool_choice
-    calls_tools = bool(request.tools) and tool_choice != "none"
-    if not calls_tools and (response_format is None or response_format["type"] == "text"):
-        return GenerationPlan(new_constraint=lambda: None, new_output=TextOutput)
-
-    from nbchat.engine.constraints import TOOL_CALL_OPEN, GrammarCompiler
-
-    compiler = GrammarCompiler.for_tokenizer(loaded.tokenizer, vocab_size=loaded.config.vocab_size,
-                                             stop_ids=loaded.stop_ids)
-    if not calls_tools:
-        return GenerationPlan(
-            new_constraint=_first_then_fresh(lambda: compiler.response_format(response_format)),
-            new_output=TextOutput,
-        )
-    tools = request.template_tools()
-    parallel = request.allows_parallel_tool_calls
-    named_choice = isinstance(tool_choice, NamedToolChoice)
-    return GenerationPlan(
-        new_constraint=_first_then_fresh(lambda: compiler.tool_calls(
-            tools, tool_choice, parallel_tool_calls=parallel, response_format=response_format)),
-        new_output=lambda: ToolCallOutput(named_choice=named_choice),
-        template_tools=tools,
-        keep_special_tokens=_is_special_token(loaded.tokenizer, TOOL_CALL_OPEN),
-    )
-
-
-def _first_then_fresh(build: Callable[[], TokenConstraint | None]) -> Callable[[], TokenConstraint | None]:
-    """A constraint factory whose first constraint is built now (its errors come before compute);
-    each later choice gets a fresh one."""
-    first = [build()]
-    return lambda: first.pop() if first else build()
-
-
-def _is_special_token(tokenizer: PreTrainedTokenizerFast, text: str) -> bool:
-    """Whether ``text`` is one special token (decoding would drop it unless told to keep specials)."""
-    added = tokenizer.backend_tokenizer.get_added_tokens_decoder().values()
-    return any(token.content == text and token.special for token in added)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,19 +198,15 @@ class Engine:
 
     def _create(self, request_kwargs: Mapping[str, Any]) -> ChatCompletion | ChatCompletionStream:
         request = validate_request(self._with_defaults(request_kwargs))
-        loaded = self._ensure_loaded()
-        self._check_model_name(request, loaded)
-        plan = plan_generation(request, loaded)
-        self._check_logit_bias(request, loaded)
-        samplings = [self._sampling(request, index) for index in range(request.n or 1)]
-        _, prompt_ids = self._prompt(request, loaded, tools=plan.template_tools)
-        job = _Job(request, loaded, plan, prompt_ids, self._completion_budget(request, len(prompt_ids)),
-                   samplings)
+        job = self._job(request)
         if request.stream:
             return ChatCompletionStream(self._chunks(job, include_usage=request.include_usage))
         return collect_chunks(self._chunks(job, include_usage=True), logprobs=bool(request.logprobs))
 
-    def _check_model_name(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
+    def _job(self, request: ChatCompletionRequest) -> _Job:
+        """The one job of a validated request: the checks that need the model (its name, vocabulary
+        and context), its generation plan, prompt ids and per-choice sampler settings; no compute."""
+        loaded = self._ensure_loaded()
         names = {self.model, loaded.name, str(loaded.source.path), loaded.source.path.name}
         if request.model is not None and request.model not in names:
             raise InvalidRequestError(
@@ -331,29 +215,27 @@ class Engine:
                 param="model",
                 code="model_not_found",
             )
-
-    def _check_logit_bias(self, request: ChatCompletionRequest, loaded: LoadedModel) -> None:
         vocab_size = loaded.config.vocab_size
-        for token_id in request.logit_bias or {}:
-            if token_id >= vocab_size:
-                raise InvalidRequestError(
-                    f"Invalid key in 'logit_bias': token id {token_id} is outside this model's vocabulary "
-                    f"(ids 0 to {vocab_size - 1}).",
-                    param="logit_bias",
-                    code="invalid_value",
-                )
-
-    def _completion_budget(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
-        """max_new_tokens: the request's limit, or (when none) whatever context is left."""
+        outside = [token_id for token_id in request.logit_bias or {} if token_id >= vocab_size]
+        if outside:
+            raise InvalidRequestError(
+                f"Invalid key in 'logit_bias': token id {outside[0]} is outside this model's vocabulary "
+                f"(ids 0 to {vocab_size - 1}).",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        plan = plan_generation(request, loaded)
+        _, prompt_ids = self._prompt(request, loaded, tools=plan.template_tools)
+        if not prompt_ids:
+            raise InvalidRequestError("The chat template rendered these messages as an empty prompt.",
+                                      param="chat_template", code="invalid_value")
+        # max_new_tokens: the request's limit, or (when none) whatever context is left.
         context_length = self._generator.context_length
         limit = request.completion_token_limit
-        if limit is None:
-            if prompt_tokens >= context_length:
-                raise ContextLengthError(prompt_tokens, 1, context_length)
-            return context_length - prompt_tokens
-        if prompt_tokens + limit > context_length:
-            raise ContextLengthError(prompt_tokens, limit, context_length)
-        return limit
+        if len(prompt_ids) + (limit or 1) > context_length:
+            raise ContextLengthError(len(prompt_ids), limit or 1, context_length)
+        samplings = [self._sampling(request, index) for index in range(request.n or 1)]
+        return _Job(request, loaded, plan, prompt_ids, limit or context_length - len(prompt_ids), samplings)
 
     def _chunks(self, job: _Job, *, include_usage: bool) -> Iterator[ChatCompletionChunk]:
         loaded, prompt_ids = job.loaded, job.prompt_ids
@@ -394,9 +276,8 @@ class Engine:
             yield chunk([], usage)
 
     def _sampling(self, request: ChatCompletionRequest, choice_index: int) -> SamplingParams:
-        """The sampler settings of one choice (seed + index), checked by the engine's own rules."""
+        """The sampler settings of one choice (seed + index); the request's bounds are checked."""
         from nbchat.engine.generate import SamplingParams
-        from nbchat.engine.sampling import validate
 
         seed = None if request.seed is None else _wrap_int64(request.seed + choice_index)
         params = SamplingParams(
@@ -411,7 +292,6 @@ class Engine:
             seed=seed,
             top_logprobs=(request.top_logprobs or 0) if request.logprobs else 0,
         )
-        validate(params, self._loaded.config.vocab_size)
         return params
 
     def _token_logprob(self, event: TokenEvent) -> TokenLogprob:
@@ -631,13 +511,17 @@ class _ChoiceRun:
                     pending_logprobs.clear()
                 yield ChoiceDelta(**delta), logprobs
 
-        events = self._engine._generator.generate(
-            job.prompt_ids,
-            job.samplings[self.index],
-            max_new_tokens=job.max_new_tokens,
-            stop_ids=loaded.stop_ids,
-            constraint=job.plan.new_constraint(),
-        )
+        try:
+            events = self._engine._generator.generate(
+                job.prompt_ids,
+                job.samplings[self.index],
+                max_new_tokens=job.max_new_tokens,
+                stop_ids=loaded.stop_ids,
+                constraint=job.plan.new_constraint(),
+            )
+        except ValueError as exc:  # the engine's invariants, which the job's checks should keep
+            raise InvalidRequestError(f"The engine cannot run this request: {exc}",
+                                      code="invalid_value") from exc
         try:
             for event in events:
                 self.completion_tokens += 1
@@ -648,7 +532,7 @@ class _ChoiceRun:
                     pending_logprobs.append(self._engine._token_logprob(event))
                 text = stop_strings.feed(detokenizer.step(event.token_id))
                 yield from emit(output.feed(text))
-                if stop_strings.stopped:
+                if stop_strings.stopped or output.ended:
                     self.finish_reason = "stop"
                     break
         finally:
@@ -690,7 +574,7 @@ class _Completions:
 
     def create(self, /, **request: Any) -> ChatCompletion | ChatCompletionStream:
         """OpenAI's ``chat.completions.create``: ``messages=[...]`` plus request parameters; see
-        ``nbchat.protocol.ChatCompletionRequest`` for every field. Raises InvalidRequestError (or
+        ``nbchat.protocol.requests.ChatCompletionRequest`` for every field. Raises InvalidRequestError (or
         ContextLengthError) before any compute when the request is wrong."""
         return self._engine._create(request)
 
@@ -766,8 +650,8 @@ def _system_fingerprint(loaded: LoadedModel) -> str:
 
 
 def _finite_logprob(logprob: float) -> float:
-    """OpenAI's logprobs are finite: -inf (and NaN) become -9999.0."""
-    return logprob if logprob >= _MIN_LOGPROB else _MIN_LOGPROB
+    """OpenAI's logprobs are finite: -inf (and NaN) become the engine's LOGPROB_FLOOR."""
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def _wrap_int64(value: int) -> int:

@@ -8,11 +8,12 @@ expect (``raise_exception``, ``tojson``, ``strftime_now``, ``bos_token``, ``eos_
 ``add_generation_prompt``); this module does not render by itself.
 
 Tools: a template that reads the ``tools`` variable is given the tools and renders assistant
-``tool_calls`` (their ``arguments`` as objects, as HF templates expect) and ``tool`` messages itself; any
-other template gets the conversation rewritten by ``nbchat.tools.inline_tools`` (the built-in tool prompt
-in the system message, calls and results as ``<tool_call>`` / ``<tool_response>`` text).
+``tool_calls`` (their ``arguments`` as objects, as HF templates expect) and ``tool`` messages itself;
+any other template gets the conversation rewritten by ``nbchat.chat_format.hermes.inline_tools`` (the
+built-in tool prompt in the system message, calls and results as ``<tool_call>`` / ``<tool_response>``
+text).
 
-Must not: validate OpenAI request fields (protocol.py does), generate, or import JAX.
+Must not: validate OpenAI request fields (``nbchat.protocol`` does), generate, or import JAX.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def render_messages(
     if template_supports_tools(source):
         messages = [_with_argument_objects(message) for message in messages]
     else:
-        from nbchat.tools import inline_tools
+        from nbchat.chat_format.hermes import inline_tools
 
         messages, tools = inline_tools(messages, tools), None
     return _render(

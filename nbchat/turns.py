@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from nbchat.conversation import Turn
 from nbchat.errors import NbchatError
-from nbchat.tools import ToolRegistry, add_tool_call_delta
+from nbchat.protocol.deltas import add_tool_call_delta
+from nbchat.tools import ToolRegistry
 
 # How the error result of a call that was not run starts (a history reader tells it from a tool's error).
 NOT_RUN_PREFIX = "not run: "

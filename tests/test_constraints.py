@@ -1,34 +1,19 @@
 """Grammar-constrained decoding (nbchat.engine.constraints) on the real SmolLM2 tokenizer: masks admit
 exactly the grammar's continuations, random sampling under the mask always yields valid JSON, stop ids
-only where the grammar accepts, tool-call grammars per tool_choice, errors name the field."""
+only where the grammar accepts, a grammar llguidance cannot compile is a GrammarError. (What a request
+asks for, and the tool-call grammar, are tested where they are built: test_structured, test_hermes.)"""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import jsonschema
 import numpy as np
 import pytest
 
-from nbchat.engine.constraints import GrammarCompiler, GrammarConstraint
-from nbchat.errors import InvalidRequestError
+from nbchat.engine.constraints import COMPACT_JSON, GrammarCompiler, GrammarConstraint, GrammarError
 
 EOS = 2  # <|im_end|>, SmolLM2's end of turn
-
-
-@pytest.fixture(scope="module")
-def backend():
-    """SmolLM2's tokenizers.Tokenizer, read from the cached GGUF (no model weights)."""
-    from nbchat.models import resolve
-    from nbchat.tokenizer import load_tokenizer
-
-    return load_tokenizer(resolve(progress=False).path).backend_tokenizer
-
-
-@pytest.fixture(scope="module")
-def compiler(backend) -> GrammarCompiler:
-    return GrammarCompiler.for_tokenizer(backend, vocab_size=backend.get_vocab_size(), stop_ids=[EOS])
 
 
 def allowed_ids(mask: np.ndarray) -> np.ndarray:
@@ -48,15 +33,6 @@ def walk(constraint: GrammarConstraint, token_ids: list[int]) -> list[np.ndarray
         masks.append(mask)
         constraint.advance(token_id)
     return masks
-
-
-@pytest.fixture(scope="module")
-def structural_ids(backend) -> np.ndarray:
-    """Token ids whose text closes or separates JSON (quote, brace, bracket, comma) plus EOS; the
-    random sampler favours them half the time so that strings, numbers and arrays end."""
-    texts = backend.decode_batch([[i] for i in range(backend.get_vocab_size())])
-    ids = [i for i, t in enumerate(texts) if any(c in t for c in '"}],')]
-    return np.array(sorted(set(ids) | {EOS}))
 
 
 def sample_under_mask(backend, constraint: GrammarConstraint, structural_ids: np.ndarray, seed: int,
@@ -187,8 +163,8 @@ def test_a_token_the_grammar_forbids_is_not_in_the_mask(backend, compiler):
         constraint.advance(backend.token_to_id("}"))
 
 
-def test_json_object_mode_accepts_any_object_and_nothing_else(backend, compiler):
-    constraint = compiler.json_object()
+def test_an_object_schema_accepts_any_object_and_nothing_else(backend, compiler):
+    constraint = compiler.json_schema({"type": "object"})
     first = {backend.decode([int(i)]) for i in allowed_ids(constraint.allowed_bitmask())}
     assert first and all(t.startswith("{") for t in first)
     walk(constraint, backend.encode('{"anything": [1, 2.5, {"x": null}], "ok": true}').ids)
@@ -204,9 +180,11 @@ def test_cut_output_is_a_valid_prefix_and_not_accepting(backend, compiler):
 
 def test_strict_mode_forbids_properties_the_schema_does_not_name(backend, compiler):
     text_ids = backend.encode('{"name": "Ada", "age": 36, "extra": 1}').ids
-    loose = compiler.json_schema(PERSON, strict=False)
+    from nbchat.plan import strict_schema
+
+    loose = compiler.json_schema(PERSON)
     walk(loose, text_ids)
-    strict = compiler.json_schema(PERSON, strict=True)
+    strict = compiler.json_schema(strict_schema(PERSON))
     walk(strict, backend.encode('{"name": "Ada", "age": 36').ids)
     mask = strict.allowed_bitmask()
     assert is_allowed(mask, backend.token_to_id("}"))
@@ -248,190 +226,31 @@ def test_compiler_is_cached_per_tokenizer(backend, compiler):
         GrammarCompiler(backend, vocab_size=100, stop_ids=[])
 
 
-def test_response_format_dispatch(compiler):
-    assert compiler.response_format(None) is None
-    assert compiler.response_format({"type": "text"}) is None
-    assert compiler.response_format({"type": "json_object"}).description == "JSON object"
-    spec = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
-    assert compiler.response_format(spec).description == "JSON schema"
-    # OpenAI's json_schema.schema is optional: without one, any JSON object
-    assert compiler.response_format({"type": "json_schema", "json_schema": {"name": "x"}}).description == \
-        "JSON object"
-
-
 @pytest.mark.parametrize(
-    ("response_format", "param", "message"),
+    ("schema", "message"),
     [
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strng"}}},
-         "response_format", "Invalid type: strng"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5,
-                                                                         "maximum": 1}}},
-         "response_format", "minimum (5) is greater than maximum (1)"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}},
-         "response_format", "/$defs/missing"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}},
-         "response_format", "unclosed group"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": ["not", "a", "schema"]}},
-         "response_format", "expected a JSON schema object"),
-        ({"type": "json_schema"}, "response_format.json_schema", "required"),
-        ({"type": "yaml"}, "response_format", "Invalid response_format.type 'yaml'"),
+        ({"type": "strng"}, "Invalid type: strng"),
+        ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum (5) is greater than maximum (1)"),
+        ({"$ref": "#/$defs/missing"}, "/$defs/missing"),
+        ({"type": "string", "pattern": "(("}, "unclosed group"),
+        (["not", "a", "schema"], "expected a JSON schema object"),
     ],
 )
-def test_invalid_response_format_is_an_invalid_request(compiler, response_format, param, message):
-    with pytest.raises(InvalidRequestError) as info:
-        compiler.response_format(response_format)
-    assert info.value.param == param
-    assert message in info.value.message
+def test_a_schema_llguidance_cannot_compile_is_a_grammar_error(compiler, schema, message):
+    with pytest.raises(GrammarError) as info:
+        compiler.json_schema(schema)
+    assert message in str(info.value)
 
 
-def test_invalid_lark_grammar_is_an_invalid_request(compiler):
-    with pytest.raises(InvalidRequestError) as info:
-        compiler.lark("start: missing_rule", param="grammar")
-    assert info.value.param == "grammar" and "missing_rule" in info.value.message
+def test_invalid_lark_grammar_is_a_grammar_error(compiler):
+    with pytest.raises(GrammarError, match="missing_rule"):
+        compiler.lark("start: missing_rule")
 
 
-# -- tool calls -----------------------------------------------------------------------------------
-
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city.",
-    "parameters": {"type": "object",
-                   "properties": {"city": {"type": "string", "description": "a } in a description"},
-                                  "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "now"}}  # no parameters: an empty argument object
-TOOLS = [WEATHER, CLOCK]
-
-WEATHER_CALL = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
-                "\n</tool_call>")
-CLOCK_CALL = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
-
-
-def accepts(backend, constraint: GrammarConstraint, text: str) -> bool:
-    """Whether every token of ``text`` is allowed and the grammar then accepts (stop id allowed)."""
+def test_compact_json_allows_no_whitespace(backend, compiler):
+    constraint = compiler.json_schema(PERSON, options=COMPACT_JSON)
+    walk(constraint, backend.encode('{"name":"Ada","age":36}').ids)
+    assert constraint.is_accepting
     constraint.reset()
-    for token_id in backend.encode(text).ids:
-        if not is_allowed(constraint.allowed_bitmask(), token_id):
-            return False
-        constraint.advance(token_id)
-    return constraint.is_accepting and is_allowed(constraint.allowed_bitmask(), EOS)
-
-
-@pytest.mark.parametrize(
-    ("text", "auto", "required", "named_clock", "required_single"),
-    [
-        ("The weather is nice.", True, False, False, False),
-        (WEATHER_CALL, True, True, False, True),
-        (CLOCK_CALL, True, True, True, True),
-        ("Let me look.\n" + WEATHER_CALL, True, False, False, False),
-        (WEATHER_CALL + "\n" + CLOCK_CALL, True, True, False, False),
-        (CLOCK_CALL + "\n" + CLOCK_CALL, True, True, False, False),
-        (WEATHER_CALL.replace('"celsius"', '"kelvin"'), False, False, False, False),
-        (WEATHER_CALL.replace(', "unit": "celsius"', ""), False, False, False, False),
-        (CLOCK_CALL.replace("{}", '{"tz": "UTC"}'), False, False, False, False),
-        (CLOCK_CALL.replace('"now"', '"sleep"'), False, False, False, False),
-        (CLOCK_CALL + " and some text after it", False, False, False, False),
-        ("Text that mentions <tool_call> but then rambles", False, False, False, False),
-    ],
-)
-def test_tool_call_grammar_per_tool_choice(backend, compiler, text, auto, required, named_clock,
-                                           required_single):
-    assert accepts(backend, compiler.tool_calls(TOOLS, "auto"), text) is auto
-    assert accepts(backend, compiler.tool_calls(TOOLS, "required"), text) is required
-    named = compiler.tool_calls(TOOLS, {"type": "function", "function": {"name": "now"}})
-    assert accepts(backend, named, text) is named_clock
-    single = compiler.tool_calls(TOOLS, "required", parallel_tool_calls=False)
-    assert accepts(backend, single, text) is required_single
-
-
-def test_auto_tool_choice_with_a_json_response_format(backend, compiler):
-    response_format = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
-    constraint = compiler.tool_calls(TOOLS, "auto", response_format=response_format)
-    assert accepts(backend, constraint, '{"name": "Ada", "age": 36}')
-    assert accepts(backend, constraint, CLOCK_CALL + "\n" + WEATHER_CALL)
-    assert not accepts(backend, constraint, "The weather is nice.")
-    assert not accepts(backend, constraint, '{"name": "Ada"}')
-    assert not accepts(backend, constraint, '{"name": "Ada", "age": 36}' + CLOCK_CALL)
-    bad_format = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": 1}}}
-    with pytest.raises(InvalidRequestError) as info:
-        compiler.tool_calls(TOOLS, "auto", response_format=bad_format)
-    assert info.value.param == "response_format"
-
-
-def test_tool_choice_may_be_a_pydantic_model(backend, compiler):
-    from pydantic import BaseModel
-
-    class Function(BaseModel):
-        name: str
-
-    class NamedToolChoice(BaseModel):
-        type: str
-        function: Function
-
-    named = compiler.tool_calls(TOOLS, NamedToolChoice(type="function", function=Function(name="now")))
-    assert accepts(backend, named, CLOCK_CALL) and not accepts(backend, named, WEATHER_CALL)
-
-
-def test_tool_choice_none_builds_no_constraint(compiler):
-    assert compiler.tool_calls(TOOLS, "none") is None
-
-
-def test_forced_tool_call_fast_forwards_to_the_arguments(compiler):
-    named = compiler.tool_calls(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
-    assert named.forced_text() == b'<tool_call>\n{"name": "get_weather", "arguments": {'
-    assert compiler.tool_calls(TOOLS, "required").forced_text() == b'<tool_call>\n{"name": "'
-
-
-def test_sampled_tool_calls_parse_and_match_their_schemas(backend, compiler, structural_ids):
-    from nbchat.tools import parse_tool_calls
-
-    schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in TOOLS}
-    # In auto mode the model writes some text, then opens a call: from there the mask takes over.
-    for choice, prefix in [("required", ""), ({"type": "function", "function": {"name": "get_weather"}}, ""),
-                           ("auto", "Let me check.\n<tool_call>")]:
-        constraint = compiler.tool_calls(TOOLS, choice)
-        for seed in range(6):
-            constraint.reset()
-            walk(constraint, backend.encode(prefix).ids)
-            text, stopped = sample_under_mask(backend, constraint, structural_ids, seed)
-            assert stopped, text
-            content, calls = parse_tool_calls(prefix + text)
-            assert content == ("Let me check." if prefix else None)
-            assert len(calls) == (prefix + text).count("<tool_call>") >= 1
-            for call in calls:
-                arguments = json.loads(call["function"]["arguments"])
-                jsonschema.validate(arguments, schemas[call["function"]["name"]])
-
-
-def test_special_token_trigger_is_matched_as_that_token(backend):
-    with_tags = copy.copy(backend)
-    with_tags.add_special_tokens(["<tool_call>", "</tool_call>"])
-    open_id, close_id = with_tags.token_to_id("<tool_call>"), with_tags.token_to_id("</tool_call>")
-    compiler = GrammarCompiler(with_tags, vocab_size=with_tags.get_vocab_size(), stop_ids=[EOS])
-    required = compiler.tool_calls(TOOLS, "required")
-    assert allowed_ids(required.allowed_bitmask()).tolist() == [open_id]
-    auto = compiler.tool_calls(TOOLS, "auto")
-    ids = with_tags.encode("Sure." + CLOCK_CALL).ids
-    assert open_id in ids and close_id in ids
-    walk(auto, ids)
-    assert auto.is_accepting
-
-
-@pytest.mark.parametrize(
-    ("tools", "tool_choice", "param", "message"),
-    [
-        ([WEATHER, {"type": "function", "function": {"name": "bad", "parameters": {"type": "strng"}}}],
-         "auto", "tools[1].function.parameters", "Invalid type: strng"),
-        ([{"type": "function", "function": {"name": "has space"}}], "auto",
-         "tools[0].function.name", "must match"),
-        ([{"type": "retrieval"}], "auto", "tools[0]", "'type': 'function'"),
-        ([], "auto", "tools", "non-empty"),
-        (TOOLS, {"type": "function", "function": {"name": "missing"}}, "tool_choice",
-         "not among the given tools"),
-        (TOOLS, "sometimes", "tool_choice", "Invalid tool_choice"),
-    ],
-)
-def test_invalid_tools_are_invalid_requests(compiler, tools, tool_choice, param, message):
-    with pytest.raises(InvalidRequestError) as info:
-        compiler.tool_calls(tools, tool_choice)
-    assert info.value.param == param
-    assert message in info.value.message
+    walk(constraint, backend.encode('{"name":').ids)
+    assert not is_allowed(constraint.allowed_bitmask(), backend.token_to_id("Ġ"))

@@ -23,6 +23,7 @@ from nbchat.conversation import Conversation
 from nbchat.notebook import engines as engines_module
 from nbchat.notebook.render import INTERRUPTED_MARKDOWN, INTERRUPTED_TEXT
 from tests.test_render import RecordingPublisher
+from tests.tiny_model import make_tiny_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETTING_TRAITS = ("model", "temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "format", "stream")
@@ -240,6 +241,9 @@ def test_result_object_carries_text_messages_usage_and_its_repr_does_not_repeat_
         f"ChatReply(conversation='default', turn=0, {tokens} tokens, finish_reason={reply.finish_reason!r})"
     )
     assert repr(reply) == summary
+    # The cell shows no Out repr under the streamed reply (the display hook finds nothing to show).
+    assert chat.shell.display_formatter.format(reply) == ({}, {})
+    assert chat.shell.user_ns["Out"][chat.shell.execution_count - 1] is reply
 
 
 def test_follow_up_cells_continue_the_conversation(chat):
@@ -455,6 +459,22 @@ def test_model_command_switches_and_loads(chat, tiny_model_dir, capsys):
     assert capsys.readouterr().out.startswith(f"Default model: {tiny_model_dir} (")
 
 
+def test_switching_the_model_frees_the_previous_engine(chat, tiny_model_dir, tmp_path, capsys):
+    import weakref
+
+    chat.run("%%chat\nHi")  # the configured model is loaded
+    previous = weakref.ref(engines_module.loaded_engine(str(tiny_model_dir), None))
+    other = make_tiny_model_dir(tmp_path / "other")
+    try:
+        chat.run(f"%chat model '{other}'")
+        assert f"Freed {tiny_model_dir}" in capsys.readouterr().out
+        assert [model for model, _ in engines_module._ENGINES] == [str(other)]
+        assert previous() is None  # nothing holds the old engine: its weights and cache are freed
+    finally:
+        chat.run(f"%chat model '{tiny_model_dir}'")
+    assert [model for model, _ in engines_module._ENGINES] == [str(tiny_model_dir)]
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -509,6 +529,27 @@ def test_help_shows_options_commands_and_grammar(chat, capsys):
     chat.run("%%chat --help\nignored")
     assert capsys.readouterr().out == text
     assert len(chat.conversation()) == 0
+
+
+def test_every_cmd_method_with_a_docstring_is_a_command_with_its_help_line(chat, capsys):
+    from nbchat.notebook.magics import ChatMagics
+    from nbchat.notebook.options import commands_of, help_epilog
+
+    methods = {name[len("_cmd_"):] for name in dir(ChatMagics) if name.startswith("_cmd_")}
+    assert set(ChatMagics.COMMANDS) == methods
+    chat.run("%chat help")
+    text = capsys.readouterr().out
+    for name, (arguments, description) in commands_of(ChatMagics).items():
+        assert f"  {f'{name} {arguments}'.strip():<23} {description}" in text
+
+    class WithPing(ChatMagics):
+        def _cmd_ping(self, rest: str) -> None:
+            """[N] -- answer pong N times
+
+            Only the first line is the help."""
+
+    assert commands_of(WithPing)["ping"] == ("[N]", "answer pong N times")
+    assert "  ping [N]                answer pong N times\n" in help_epilog(commands_of(WithPing))
 
 
 # --- interrupts -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -167,7 +168,15 @@ def test_cli_info_runs_without_a_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"cache directory: {tmp_path}" in result.stdout
     assert "smollm2-135m-instruct    not cached" in result.stdout
-    assert "devices: cpu:0" in result.stdout
+    assert re.search(r"^devices: [a-z]+:\d+ \(.+\)", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_transformers_torch_advisory_never_reaches_the_user(tmp_path):
+    """nbchat uses transformers without PyTorch; its import-time advisory must not show on stderr."""
+    code = "import nbchat.tokenizer, transformers; from transformers import PreTrainedTokenizerFast"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "PyTorch" not in result.stderr
 
 
 def test_cli_chat_streams_replies_and_keeps_history_until_an_empty_line(tiny_model_dir, tmp_path):

@@ -93,9 +93,8 @@ def test_quickstart_first_chat_loads_the_model_and_renders_markdown(quickstart):
     assert metadata["model"] == "smollm2-135m-instruct"
     assert metadata["settings"] == {"temperature": 0.0, "max_tokens": 40}
     assert metadata["interrupted"] is False
-    # The cell's result is the summary object, not the reply a second time.
-    results = [out for out in cell.outputs if out.output_type == "execute_result"]
-    assert len(results) == 1 and results[0].data["text/plain"].startswith("ChatReply(conversation='default'")
+    # The cell's result (a ChatReply, kept in Out) shows nothing: the reply is not shown a second time.
+    assert not [out for out in cell.outputs if out.output_type == "execute_result"]
 
 
 def test_quickstart_follow_up_remembers_the_first_exchange(quickstart):
@@ -269,9 +268,9 @@ def test_kernel_interrupt_stops_the_reply_keeps_it_marked_and_the_next_chat_work
 
         follow_up, status, _ = run("%%chat --max-tokens 8\nThanks")
         assert status == "ok"
-        result = next(m for m in follow_up if m["msg_type"] == "execute_result")["content"]["data"][
-            "text/plain"
-        ]
+        assert not [m for m in follow_up if m["msg_type"] == "execute_result"]
+        kept, status, _ = run("print(repr(_))")
+        result = "".join(m["content"]["text"] for m in kept if m["msg_type"] == "stream")
         assert result.startswith("ChatReply(conversation='default', turn=2,")
     finally:
         client.stop_channels()

@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 
 from nbchat.api import Engine
+from nbchat.chat_format.hermes import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from nbchat.errors import ContextLengthError, InvalidRequestError
-from nbchat.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # ---- schemas of increasing difficulty (bounded, so every reply can finish within max_tokens)
 
@@ -92,9 +92,9 @@ def schema_format(schema: dict, *, strict: bool = True, name: str = "answer") ->
 
 def strict_copy(schema: dict) -> dict:
     """The schema as OpenAI's strict mode reads it: no property the schema does not name."""
-    from nbchat.engine.constraints import _strict_schema
+    from nbchat.plan import strict_schema
 
-    return _strict_schema(schema)
+    return strict_schema(schema)
 
 
 # ---- tools
@@ -228,7 +228,7 @@ def test_truncated_output_ends_with_length_and_is_a_valid_prefix(engine):
     loaded = engine._loaded
     compiler = GrammarCompiler.for_tokenizer(loaded.tokenizer, vocab_size=loaded.config.vocab_size,
                                              stop_ids=loaded.stop_ids)
-    constraint = compiler.json_schema(NESTED, strict=True)
+    constraint = compiler.json_schema(strict_copy(NESTED))
     for token_id in engine.tokenizer(text, add_special_tokens=False)["input_ids"]:
         mask = constraint.allowed_bitmask()
         assert (int(mask[token_id // 32]) >> (token_id % 32)) & 1, text
@@ -374,11 +374,16 @@ def test_auto_with_a_json_response_format_gives_that_json_or_calls(engine, less_
 
 
 def test_parallel_calls_until_cut(engine, less_whitespace):
-    """The model may not stop (EOS banned), so it keeps calling tools: several calls, cut by max_tokens."""
+    """The model may not stop (EOS banned), so it keeps calling tools: several calls, cut by max_tokens.
+    Sampled: greedy decoding repeats its first call, and a repeated call ends the reply."""
     newline = engine.tokenizer.convert_tokens_to_ids("\u010a")  # byte-level BPE's "\n"
     no_stop = {token_id: -100 for token_id in engine._loaded.stop_ids}
     request = {"tools": TOOLS, "tool_choice": "required", "max_tokens": 150,
-               "logit_bias": {**less_whitespace, newline: 0, **no_stop}, **GREEDY}
+               "logit_bias": {**less_whitespace, newline: 0, **no_stop}}
+    greedy = create(engine, **request, **GREEDY).choices[0]
+    calls = [(call.function.name, call.function.arguments) for call in greedy.message.tool_calls]
+    assert greedy.finish_reason == "tool_calls" and len(set(calls)) == len(calls) >= 1
+    request.update(temperature=1.0, seed=1, max_tokens=220)
     response = create(engine, **request)
     choice = response.choices[0]
     assert choice.finish_reason == "length"
@@ -478,7 +483,7 @@ def test_round_trip_renders_calls_and_results_and_runs(engine, less_whitespace):
     call = response.choices[0].message.tool_calls[0]
     messages = round_trip_messages(response)
     text, _ = engine.render_prompt(messages, tools=TOOLS)
-    from nbchat.tools import tool_prompt
+    from nbchat.chat_format.hermes import tool_prompt
 
     arguments = json.loads(call.function.arguments)
     expected_call = json.dumps({"name": call.function.name, "arguments": arguments})
@@ -612,6 +617,26 @@ def test_smollm2_named_choice(smollm2_engine):
     assert choice.finish_reason == "stop" and choice.message.content is None
     [(name, arguments)] = assert_valid_calls(choice.message)
     assert name == "get_weather" and arguments["city"] == "Paris"
+
+
+@pytest.mark.integration
+def test_smollm2_required_call_ends_after_the_call_and_leaks_no_tag(smollm2_engine):
+    """Greedy, with parallel calls allowed: this model would repeat its first call until max_tokens
+    (ending in content "</tool"); a repeat ends the reply, and content never holds tag syntax."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "unit": {"enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city", "unit"]}}}
+    request = {"tools": [weather], "tool_choice": "required", "max_tokens": 80, **GREEDY}
+    response = smollm2_create(smollm2_engine, "What's the weather in Paris?", **request)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.arguments == '{"city":"Paris","unit":"celsius"}'  # compact JSON
+    chunks = list(smollm2_create(smollm2_engine, "What's the weather in Paris?", stream=True, **request))
+    content, streamed, finish = streamed_message(chunks)
+    assert content == "" and same_calls(choice.message, streamed) and finish == "tool_calls"
 
 
 @pytest.mark.integration

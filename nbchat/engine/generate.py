@@ -39,7 +39,7 @@ from nbchat.engine import cache as kv_cache
 from nbchat.engine import jax_setup, model, sampling
 from nbchat.engine.config import ModelConfig
 from nbchat.engine.sampling import SamplingParams
-from nbchat.errors import ContextLengthError, EngineBusyError, InvalidRequestError
+from nbchat.errors import EngineBusyError
 
 __all__ = ["Generator", "SamplingParams", "TokenConstraint", "TokenEvent", "prefill_buckets"]
 
@@ -320,25 +320,18 @@ class Generator:
         iteration; otherwise it ends after max_new_tokens. The sequence starts when the iterator is
         first advanced and runs beside any others. Closing the iterator (close(), break,
         GeneratorExit, KeyboardInterrupt) stops it within one step and leaves the engine usable.
-        Raises ContextLengthError before compute if len(prompt_ids) + max_new_tokens >
-        context_length, and InvalidRequestError for an empty prompt or a bad setting (naming the
-        field). An error inside a step is raised by the iterator of every sequence it hit;
+        Raises ValueError before compute when the prompt is empty or has ids outside the vocabulary,
+        when len(prompt_ids) + max_new_tokens > context_length or a sampling setting cannot run (the
+        chat API checks a request's fields before; these are the engine's invariants). An error inside
+        a step is raised by the iterator of every sequence it hit;
         EngineBusyError if this thread already holds every slot with open iterators."""
         prompt = self._validated_prompt(prompt_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise InvalidRequestError(
-                f"max_tokens must be an integer, got {max_new_tokens!r}.",
-                param="max_tokens",
-                code="invalid_type",
-            )
-        if max_new_tokens < 1:
-            raise InvalidRequestError(
-                f"max_tokens must be at least 1, got {max_new_tokens}.",
-                param="max_tokens",
-                code="invalid_value",
-            )
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if len(prompt) + max_new_tokens > self.context_length:
-            raise ContextLengthError(len(prompt), int(max_new_tokens), self.context_length)
+            raise ValueError(f"{len(prompt)} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
+                             f"context of {self.context_length} tokens")
         sampling.validate(sampling_params, self._config.vocab_size)
         sequence = _Sequence(
             prompt=prompt,
@@ -355,19 +348,11 @@ class Generator:
     def _validated_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
-            raise InvalidRequestError(
-                "The prompt is empty: there must be at least one token.",
-                param="messages",
-                code="invalid_value",
-            )
+            raise ValueError("the prompt is empty: there must be at least one token")
         vocab = self._config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             bad = next(t for t in prompt if not 0 <= t < vocab)
-            raise InvalidRequestError(
-                f"Prompt token id {bad} is outside the vocabulary [0, {vocab}).",
-                param="messages",
-                code="invalid_value",
-            )
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         return prompt
 
     # -- the consumer's side -------------------------------------------------------------------------

@@ -9,7 +9,6 @@ directory the user configured themselves is left alone.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 from pathlib import Path
 
@@ -17,8 +16,10 @@ _configured = False
 
 
 def nbchat_home() -> Path:
-    """``$NBCHAT_HOME`` or ``~/.cache/nbchat``."""
-    return Path(os.environ.get("NBCHAT_HOME") or Path.home() / ".cache" / "nbchat")
+    """nbchat's cache directory (``nbchat.models.cache_dir``: ``$NBCHAT_HOME`` or ``~/.cache/nbchat``)."""
+    from nbchat.models import cache_dir
+
+    return cache_dir()
 
 
 def machine_key() -> str:

@@ -38,11 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nbchat.errors import InvalidRequestError
+from nbchat.engine.limits import LOGPROB_FLOOR, MAX_TOP_LOGPROBS
 
 MAX_CANDIDATES = 64  # tokens that top_k / top_p / min_p choose among
-MAX_TOP_LOGPROBS = 20  # alternatives a token event can carry
-LOGPROB_FLOOR = -9999.0  # reported instead of -inf for a banned token
 
 
 @dataclass(frozen=True)
@@ -59,62 +57,37 @@ class SamplingParams:
     top_logprobs: int = 0  # how many alternatives each TokenEvent carries (0..MAX_TOP_LOGPROBS)
 
 
-def _number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}.", param=name, code="invalid_type")
-    if not math.isfinite(value):
-        raise InvalidRequestError(f"{name} must be finite, got {value!r}.", param=name, code="invalid_value")
-    return float(value)
-
-
-def _integer(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidRequestError(
-            f"{name} must be an integer, got {value!r}.", param=name, code="invalid_type"
-        )
-    return int(value)
-
-
-def _check_range(value: float, name: str, low: float, high: float, *, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise InvalidRequestError(
-            f"{name} must be in {interval}, got {value:g}.", param=name, code="invalid_value"
-        )
-
-
 def validate(sampling: SamplingParams, vocab_size: int) -> None:
-    """Raise InvalidRequestError naming the first bad field of ``sampling``."""
-    temperature = _number(sampling.temperature, "temperature")
-    _check_range(temperature, "temperature", 0.0, 100.0)
-    _check_range(_number(sampling.top_p, "top_p"), "top_p", 0.0, 1.0)
-    top_k = _integer(sampling.top_k, "top_k")
-    if top_k < 0:
-        raise InvalidRequestError(
-            f"top_k must be >= 0 (0 = off), got {top_k}.", param="top_k", code="invalid_value"
-        )
-    _check_range(_number(sampling.min_p, "min_p"), "min_p", 0.0, 1.0)
-    _check_range(_number(sampling.frequency_penalty, "frequency_penalty"), "frequency_penalty", -2.0, 2.0)
-    _check_range(_number(sampling.presence_penalty, "presence_penalty"), "presence_penalty", -2.0, 2.0)
-    penalty = _number(sampling.repetition_penalty, "repetition_penalty")
-    _check_range(penalty, "repetition_penalty", 0.0, 100.0, low_open=True)
-    if not isinstance(sampling.logit_bias, Mapping):
-        raise InvalidRequestError(
-            "logit_bias must map token ids to numbers.", param="logit_bias", code="invalid_type"
-        )
-    for token_id, bias in sampling.logit_bias.items():
-        token = _integer(token_id, "logit_bias")
-        if not 0 <= token < vocab_size:
-            raise InvalidRequestError(
-                f"logit_bias names token id {token}, outside the vocabulary [0, {vocab_size}).",
-                param="logit_bias",
-                code="invalid_value",
-            )
-        _check_range(_number(bias, "logit_bias"), "logit_bias", -100.0, 100.0)
-    if sampling.seed is not None:
-        _integer(sampling.seed, "seed")
-    top_logprobs = _integer(sampling.top_logprobs, "top_logprobs")
-    _check_range(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    """Raise ValueError when ``sampling`` breaks what the sampler needs to run: finite numbers,
+    a non-negative temperature, probabilities in [0, 1], a positive repetition penalty, bias ids
+    inside the vocabulary, at most MAX_TOP_LOGPROBS alternatives. The bounds a request may ask for
+    (temperature up to 2, penalties, bias size) are the chat API's rules, checked before this."""
+    numbers = {name: getattr(sampling, name) for name in (
+        "temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")}
+    numbers.update({f"logit_bias[{token}]": bias for token, bias in dict(sampling.logit_bias).items()})
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value):
+            raise ValueError(f"SamplingParams.{name} must be a finite number, got {value!r}")
+    integers = {"top_k": sampling.top_k, "top_logprobs": sampling.top_logprobs,
+                **({} if sampling.seed is None else {"seed": sampling.seed})}
+    bias_ids = [("logit_bias token", token) for token in dict(sampling.logit_bias)]
+    for name, value in [*integers.items(), *bias_ids]:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"SamplingParams.{name} must be an integer, got {value!r}")
+    checks = [
+        (sampling.temperature >= 0, "temperature >= 0"),
+        (0 <= sampling.top_p <= 1, "0 <= top_p <= 1"),
+        (sampling.top_k >= 0, "top_k >= 0"),
+        (0 <= sampling.min_p <= 1, "0 <= min_p <= 1"),
+        (sampling.repetition_penalty > 0, "repetition_penalty > 0"),
+        (all(0 <= int(token) < vocab_size for token in sampling.logit_bias),
+         f"logit_bias token ids in [0, {vocab_size})"),
+        (0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS, f"0 <= top_logprobs <= {MAX_TOP_LOGPROBS}"),
+    ]
+    for holds, rule in checks:
+        if not holds:
+            raise ValueError(f"SamplingParams needs {rule}: {sampling}")
 
 
 class SamplingArrays(NamedTuple):

@@ -2,7 +2,8 @@
 ``nbchat.remote.RemoteEngine`` per endpoint URL), and the models it knows.
 
 Loading a model is slow, so every conversation, every re-load of the extension and every surface in
-the kernel shares one engine per model and dtype. The first use loads it (the loader shows progress
+the kernel shares one engine per model and dtype; switching the default model (``%chat model``)
+frees the others. The first use loads it (the loader shows progress
 bars), compiles it with a two-token warm-up reply and prints a one-line summary. Importing this
 module imports no JAX: ``nbchat.api`` is imported on the first load, and a model written as a URL
 (``http://host:8000/v1``, ``NAME@URL``) is a remote endpoint, which loads nothing. Nothing here knows
@@ -11,6 +12,7 @@ about conversations, settings or displays.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from functools import partial
@@ -68,6 +70,17 @@ def remote_models(models: list[str], api_key: str | None = None) -> list[tuple[s
 def loaded_engine(model: str, dtype: str | None) -> Engine | None:
     """The engine already loaded for ``model`` and ``dtype``, or None (loads nothing)."""
     return _ENGINES.get((model, dtype))
+
+
+def release_other_engines(model: str, dtype: str | None) -> list[str]:
+    """Free every loaded engine but the one for ``model`` and ``dtype`` (switching the default model
+    must not keep the previous one's weights and cache in memory); returns the models freed."""
+    released = [key for key in _ENGINES if key != (model, dtype)]
+    for key in released:
+        del _ENGINES[key]
+    if released:
+        gc.collect()  # an Engine and its chat namespace refer to each other: free the arrays now
+    return [name for name, _ in released]
 
 
 def known_models() -> list[tuple[str, str, bool, bool]]:

@@ -20,6 +20,7 @@ turn is generated or draws output; installing the kernelspec is ``kernelspec.py`
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -34,7 +35,7 @@ from traitlets.config.loader import ConfigFileNotFound
 from nbchat import __version__
 from nbchat.notebook import kernel_cells
 from nbchat.notebook.magics import COMMANDS_HELP, ChatMagics
-from nbchat.notebook.options import SET_KEYS
+from nbchat.notebook.settings import SET_KEYS
 
 CONFIG_FILE = "jupyter_nbchat_config"
 LANGUAGE_INFO = {
@@ -276,7 +277,7 @@ class ChatKernel(IPythonKernel):
             return None
         name = command.group(1)
         if name is None:
-            return COMMANDS_HELP.format(setting_keys="  " + ", ".join(SET_KEYS))
+            return f"{COMMANDS_HELP}\n\nkeys of %chat set KEY=VALUE: {', '.join(SET_KEYS)}"
         return command_help(self.magics, name)
 
 
@@ -290,9 +291,10 @@ def command_help(magics: ChatMagics, name: str) -> str | None:
         for line in COMMANDS_HELP.splitlines()
         if line.startswith("  ") and re.search(rf"(?:^|/ ){re.escape(name)}\b", line[:26].strip())
     ]
-    doc = getattr(magics, f"_cmd_{name}").__doc__
-    if doc and doc.strip() not in lines:
-        lines.append(doc.strip())
+    # The docstring's first line is the help line above; what follows it says more.
+    more = inspect.cleandoc(getattr(magics, f"_cmd_{name}").__doc__ or "").partition("\n")[2].strip()
+    if more:
+        lines.append(more)
     return "\n".join([f"%chat {name}", *lines])
 
 

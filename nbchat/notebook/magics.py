@@ -5,11 +5,11 @@ traits tagged ``config=True`` (so ``%config ChatMagics.temperature = 0.2`` and `
 work), overridden per conversation by ``%chat set`` and per cell by options. Every error a user can
 cause is shown as one ``UsageError`` line and leaves the conversation unchanged.
 
-This module is the IPython-facing part: the traits, the magic, the kernel's conversations and the
-``%chat`` commands. It must not hold what the other notebook modules do: the options, their help and
-the request (``options.py``), the tools (``tool_loop.py``), the turn itself (``nbchat.turns``), the
-result type (``reply.py``), loading engines (``engines.py``), the cell grammar (``cells.py``)
-or drawing output (``render.py``).
+This module is the IPython-facing part: the magic, the kernel's conversations and the ``%chat``
+commands. It must not hold what the other notebook modules do: the settings (``settings.py``), the
+options, their help and the request (``options.py``), the tools (``tool_loop.py``), the turn itself
+(``nbchat.turns``), the result type (``reply.py``), loading engines (``engines.py``), the cell
+grammar (``cells.py``) or drawing output (``render.py``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Bool, Enum, Float, Int, List, Unicode
 
 from nbchat.conversation import Conversation, ConversationError, Turn
 from nbchat.errors import InvalidRequestError, NbchatError
-from nbchat.models import DEFAULT_MODEL
 from nbchat.notebook import render, teaching, tool_loop, views
 from nbchat.notebook.cells import CellSyntaxError, interpolate, parse_cell
 from nbchat.notebook.engines import (
@@ -34,30 +32,37 @@ from nbchat.notebook.engines import (
     engine_summary,
     known_models,
     loaded_engine,
+    release_other_engines,
     remote_models,
     shared_engine,
 )
 from nbchat.notebook.options import (
-    COMMANDS_HELP,
-    HELP_EPILOG,
-    REQUEST_SETTINGS,
-    SETTINGS,
     TOOL_CHOICE_MODES,
     build_request,
     cell_arguments,
     cell_options,
+    check_request,
     check_variable_name,
     check_view_options,
-    parse_set_words,
-    parse_setting,
+    commands_help,
+    commands_of,
+    help_epilog,
     pop_conversation_option,
     pydantic_model_class,
+    set_help_epilog,
     split_names,
     split_words,
+)
+from nbchat.notebook.render import ReplyView, supports_live_updates
+from nbchat.notebook.reply import ChatReply, chat_reply, structured_value
+from nbchat.notebook.settings import (
+    REQUEST_SETTINGS,
+    SETTINGS,
+    ChatSettings,
+    parse_set_words,
+    parse_setting,
     suggest,
 )
-from nbchat.notebook.render import FORMATS, ReplyView, supports_live_updates
-from nbchat.notebook.reply import ChatReply, chat_reply, structured_value
 from nbchat.remote import api_key_and_source, is_endpoint, mask_key
 from nbchat.turns import TurnGate, fill_turn, run_turn
 
@@ -70,6 +75,7 @@ __all__ = [
     "TOOL_CHOICE_MODES",
     "ChatMagics",
     "ChatReply",
+    "ChatSettings",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
@@ -78,52 +84,12 @@ DEFAULT_CONVERSATION = "default"
 
 
 @magics_class
-class ChatMagics(Magics):
-    """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages."""
+class ChatMagics(Magics, ChatSettings):
+    """Chat with a local model from notebook cells: ``%%chat`` sends a cell, ``%chat`` manages.
 
-    model = Unicode(
-        DEFAULT_MODEL,
-        help="Model for new chats: a registry name, a .gguf path, a model directory, or an OpenAI-compatible "
-        "endpoint's URL (http://host:8000/v1, or NAME@URL for one of its models).",
-    ).tag(config=True)
-    base_url = Unicode(
-        None, allow_none=True,
-        help="An OpenAI-compatible endpoint (e.g. http://host:8000/v1) that serves every chat whose model is "
-        "not itself a URL: the default model means the endpoint's first, NAME means NAME there.",
-    ).tag(config=True)
-    api_key = Unicode(
-        None, allow_none=True,
-        help="API key for remote endpoints; None: $NBCHAT_API_KEY, else $OPENAI_API_KEY. Never saved "
-        "with a conversation, shown masked.",
-    ).tag(config=True)
-    dtype = Unicode(
-        None, allow_none=True, help="Weight dtype (float32 or bfloat16); None: the engine's default."
-    ).tag(config=True)
-    system_prompt = Unicode(
-        None, allow_none=True, help="System prompt of conversations that set none themselves."
-    ).tag(config=True)
-    temperature = Float(
-        None, allow_none=True, help="Sampling temperature (0 = greedy); None: the engine's default."
-    ).tag(config=True)
-    top_p = Float(None, allow_none=True, help="Nucleus sampling mass; None: off.").tag(config=True)
-    top_k = Int(None, allow_none=True, help="Sample among the k most likely tokens; None: off.").tag(
-        config=True
-    )
-    max_tokens = Int(
-        512, allow_none=True, help="Most tokens in one reply; None: up to the context length."
-    ).tag(config=True)
-    stop = List(Unicode(), help="Strings that end a reply.").tag(config=True)
-    seed = Int(
-        None, allow_none=True, help="Sampling seed for reproducible replies; None: fresh randomness."
-    ).tag(config=True)
-    format = Enum(list(FORMATS), default_value="markdown", help="How replies are shown.").tag(config=True)
-    stream = Bool(True, help="Show the reply as it is generated.").tag(config=True)
-    interpolate = Bool(True, help="Replace {name}, {In[n]}, {Out[n]} in cells with their values.").tag(
-        config=True
-    )
-    max_tool_steps = Int(
-        5, help="Most rounds of running tool calls and sending their results back in one exchange."
-    ).tag(config=True)
+    The settings are ``ChatSettings``' traits; each ``%chat NAME`` command is a ``_cmd_NAME(rest)``
+    method whose docstring's first line is its help (``ARGUMENTS -- description``).
+    """
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -373,14 +339,6 @@ class ChatMagics(Magics):
 
     # --- %chat commands ---------------------------------------------------------------------------
 
-    # Each command NAME is the method _cmd_NAME(rest of the line); listed in this order.
-    COMMANDS = tuple(
-        (
-            "history reset undo retry model models set settings system prompt next step replay "
-            "save load conversations tools panel help"
-        ).split()
-    )
-
     def _command(self, line: str) -> Any:
         words = line.strip().split(None, 1)
         if not words:
@@ -407,9 +365,11 @@ class ChatMagics(Magics):
             raise UsageError(f"%chat {command} takes no arguments (got {' '.join(words)!r})")
 
     def _cmd_help(self, rest: str) -> None:
+        """this text"""
         print(self.chat.__doc__)
 
     def _cmd_history(self, rest: str) -> None:
+        """show the conversation so far"""
         conversation, words = self._target(rest)
         self._no_arguments("history", words)
         if not conversation.turns:
@@ -427,6 +387,7 @@ class ChatMagics(Magics):
         )
 
     def _cmd_reset(self, rest: str) -> None:
+        """forget every exchange (system prompt and settings stay)"""
         conversation, words = self._target(rest)
         self._no_arguments("reset", words)
         count = len(conversation)
@@ -434,6 +395,7 @@ class ChatMagics(Magics):
         print(f"Conversation {conversation.name!r} reset ({count} exchanges forgotten).")
 
     def _cmd_undo(self, rest: str) -> None:
+        """drop the last exchange"""
         conversation, words = self._target(rest)
         self._no_arguments("undo", words)
         turn = conversation.undo()
@@ -442,6 +404,7 @@ class ChatMagics(Magics):
         print(f"Removed the last exchange of {conversation.name!r} ({preview!r}); {len(conversation)} left.")
 
     def _cmd_retry(self, rest: str) -> ChatReply | None:
+        """[options] -- regenerate the last reply (options as for %%chat, e.g. --seed 3)"""
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         args = self.chat.parser.parse_args(words)  # type: ignore[attr-defined]
@@ -463,6 +426,8 @@ class ChatMagics(Magics):
         )
 
     def _cmd_model(self, rest: str) -> None:
+        """[NAME|URL] -- show the default model, or make NAME the default and load it (freeing the old);
+        a URL (http://HOST:PORT/v1, or NAME@URL; --api-key KEY) chats with that endpoint"""
         words = split_words(rest)
         api_key = None
         if "--api-key" in words:
@@ -492,6 +457,8 @@ class ChatMagics(Magics):
         if api_key is not None:
             self.api_key = api_key
         self.model = words[0]
+        for released in release_other_engines(model, self.dtype):
+            print(f"Freed {released} (only the default model stays loaded).")
 
     def _connect(self, model: str, api_key: str | None) -> None:
         """Check that the endpoint ``model`` names answers and serves the model asked for."""
@@ -507,6 +474,7 @@ class ChatMagics(Magics):
         print(f"Chatting with {name} at {engine.base_url} (remote endpoint; it serves {', '.join(served)}).")
 
     def _cmd_models(self, rest: str) -> None:
+        """models in the registry, in the cache, loaded, and served by endpoints in use"""
         self._no_arguments("models", split_words(rest))
         current = [backend_model(self.model, self.base_url)]
         current += [backend_model(c.settings["model"], self.base_url) for c in self.conversations.values()
@@ -527,6 +495,7 @@ class ChatMagics(Magics):
         render.show(markdown + f"\nDefault: `{self.model}`", text + f"\nDefault: {self.model}")
 
     def _cmd_set(self, rest: str) -> None:
+        """KEY=VALUE ... -- make a setting the conversation's default (VALUE none removes it)"""
         conversation, words = self._target(rest)
         updates = parse_set_words(words)
         if "conversation" in updates:
@@ -543,12 +512,14 @@ class ChatMagics(Magics):
         new_settings = {**conversation.settings, **{k: v for k, v in updates.items() if k in SETTINGS}}
         new_settings = {key: value for key, value in new_settings.items() if value is not None}
         # Validate the request fields now, so a bad value fails here and not at the next chat.
-        build_request([{"role": "user", "content": "check"}], self._settings(Conversation(), new_settings))
+        check_request(build_request([{"role": "user", "content": "check"}],
+                                    self._settings(Conversation(), new_settings)))
         conversation.settings = new_settings
         if "system" in updates:
             conversation.system = updates["system"] or None
 
     def _cmd_settings(self, rest: str) -> None:
+        """every setting, its value and where it comes from"""
         conversation, words = self._target(rest)
         self._no_arguments("settings", words)
         settings = self._settings(conversation, {})
@@ -575,6 +546,7 @@ class ChatMagics(Magics):
         render.show(markdown, text)
 
     def _cmd_system(self, rest: str) -> None:
+        """[-c NAME] [TEXT] -- show or set the conversation's system prompt"""
         name = None
         words = rest.split(None, 2)
         if words and words[0] in ("-c", "--conversation"):
@@ -591,7 +563,10 @@ class ChatMagics(Magics):
         print(f"System prompt of {conversation.name!r} set.")
 
     def _cmd_prompt(self, rest: str) -> None:
-        """The prompt that produced the last reply, exactly as the model read it."""
+        """[--tokens|--ids] [--template NAME] -- the exact templated prompt of the last reply and its tokens
+
+        --tokens: as token chips by message; --ids: the token ids; --template: as the built-in
+        template NAME would write it."""
         conversation, words = self._target(rest)
         template = None
         if "--template" in words:
@@ -651,7 +626,9 @@ class ChatMagics(Magics):
     # --- teaching views: next-token distributions, step mode, replay, compare ------------------------
 
     def _cmd_next(self, rest: str) -> None:
-        """``%chat next [--top K] [--temperature T1,T2,...] [TEXT]``: the next-token distribution."""
+        """[--top K] [--temperature T1,T2] [TEXT] -- the next-token distribution after the last prompt
+
+        The model's, and after the temperature / top_p / top_k settings; TEXT starts the reply."""
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         top, temperatures, text_words = 10, None, []
@@ -760,7 +737,7 @@ class ChatMagics(Magics):
         )
 
     def _cmd_step(self, rest: str) -> None:
-        """``%chat step [N]`` / ``%chat step --pick K``: continue the reply started with %%chat --step."""
+        """[N] | --pick K -- step mode (after %%chat --step): add N sampled tokens or the K-th likeliest"""
         name, words = pop_conversation_option(split_words(rest))
         conversation = self._conversation(name)
         state = self._steps.get(conversation.name)
@@ -803,7 +780,7 @@ class ChatMagics(Magics):
         self._show_step(state)
 
     def _cmd_replay(self, rest: str) -> None:
-        """``%chat replay [N]``: regenerate reply N with its recorded settings and seed, and compare."""
+        """[N] -- regenerate reply N (default: the last) with its recorded model, settings and seed"""
         conversation, words = self._target(rest)
         if len(words) > 1 or (words and not words[0].lstrip("-").isdigit()):
             raise UsageError("%chat replay takes the number N of a reply (0 is the first; default: the last)")
@@ -960,6 +937,7 @@ class ChatMagics(Magics):
         return self._open_stream(engine, {**request, **extra})
 
     def _cmd_save(self, rest: str) -> None:
+        """FILE -- write the conversation as JSON"""
         conversation, words = self._target(rest)
         if len(words) != 1:
             raise UsageError("%chat save needs one FILE (quote a path with spaces)")
@@ -970,6 +948,7 @@ class ChatMagics(Magics):
         print(f"Saved {conversation.name!r} ({len(conversation)} exchanges) to {path}.")
 
     def _cmd_load(self, rest: str) -> None:
+        """FILE -- read a conversation written by %chat save"""
         name, words = pop_conversation_option(split_words(rest))
         if len(words) != 1:
             raise UsageError("%chat load needs one FILE (quote a path with spaces)")
@@ -981,7 +960,7 @@ class ChatMagics(Magics):
         print(f"Loaded {len(loaded)} exchanges into {loaded.name!r} from {words[0]}.")
 
     def _cmd_tools(self, rest: str) -> None:
-        """``%chat tools [add|remove|allow|deny NAME ...]``: show or change the conversation's tools."""
+        """[add|remove|allow|deny F ...] -- show or change the conversation's tools"""
         conversation, words = self._target(rest)
         if not words:
             self._show_tools(conversation)
@@ -1014,7 +993,7 @@ class ChatMagics(Magics):
         render.show(markdown, text)
 
     def _cmd_panel(self, rest: str) -> None:
-        """Show a chat panel on the conversation (turns made there and in cells are the same history)."""
+        """a chat panel widget on the conversation (its history is the cells' history)"""
         conversation, words = self._target(rest)
         self._no_arguments("panel", words)
         from IPython.display import display
@@ -1024,11 +1003,19 @@ class ChatMagics(Magics):
         display(ChatPanel(conversation.name, shell=self.shell))
 
     def _cmd_conversations(self, rest: str) -> None:
+        """list the conversations"""
         self._no_arguments("conversations", split_words(rest))
         for name, conversation in sorted(self.conversations.items()):
             marker = "*" if name == self.current else " "
             count = len(conversation)
             print(f"{marker} {name}: {count} exchange{'' if count == 1 else 's'}")
+
+
+# The commands and the help are read off the class: each _cmd_NAME method with a docstring.
+ChatMagics.COMMANDS = tuple(commands_of(ChatMagics))
+COMMANDS_HELP = commands_help(commands_of(ChatMagics))
+HELP_EPILOG = help_epilog(commands_of(ChatMagics))
+set_help_epilog(ChatMagics.chat, HELP_EPILOG)
 
 
 def load_ipython_extension(shell: Any) -> None:

@@ -1,17 +1,17 @@
-"""What the words of a ``%%chat`` line and of ``%chat set`` mean: the options, the settings, the request.
+"""What the words of a ``%%chat`` line and of ``%chat set`` mean: the settings, the options, the request.
 
-Holds the ``%%chat`` options (IPython ``magic_arguments``) and the help they print (the ``%chat``
-commands and the cell grammar included), shell-style splitting of a line, ``%chat set KEY=VALUE``
-values, the settings a cell's options set, the notebook variables options name (``--schema VAR``,
-``--tools F``) resolved to a ``response_format`` and to a tool, and the chat completion request built
-from settings and validated. Every mistake is a one-line ``UsageError`` naming the option. Nothing
-here loads a model, streams, runs a tool or keeps state: the magic calls these with its settings and
-the user namespace.
+Holds ``ChatSettings`` (every setting described once, as a trait: type, default, help; the setting
+table and ``%chat set`` parsing are read off the traits), the ``%%chat`` options (IPython
+``magic_arguments``) and the help they print (the ``%chat`` commands, read off the magic's
+``_cmd_*`` docstrings, and the cell grammar), shell-style splitting of a line, the settings a cell's
+options set, the notebook variables options name (``--schema VAR``, ``--tools F``) resolved to a
+``response_format`` and to a tool, and the chat completion request built from settings (validated
+before any model loads). Every mistake is a one-line ``UsageError`` naming the option. Nothing here
+loads a model, streams, runs a tool or keeps state.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import keyword
 import re
@@ -21,54 +21,26 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic_arguments import argument, kwds, magic_arguments
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from nbchat.errors import InvalidRequestError
 from nbchat.notebook import cells
 from nbchat.notebook.render import FORMATS, one_line
+from nbchat.notebook.settings import (
+    REQUEST_SETTINGS,
+    SET_KEYS,
+    check_tool_steps,
+    decode_escapes,
+    suggest,
+)
+from nbchat.protocol import TOOL_NAME_PATTERN
 from nbchat.tools import Tool
 
-# Request fields a setting maps to one-to-one (None = not sent: the engine's default applies).
-REQUEST_SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
-# Every setting `%chat set` accepts and a cell option can override, in display order.
-SETTINGS = ("model", *REQUEST_SETTINGS, "format", "stream", "interpolate", "max_tool_steps")
-# What `%chat set` accepts: the settings, and the conversation's system prompt and name.
-SET_KEYS = (*SETTINGS, "system", "conversation")
 TOOL_CHOICE_MODES = ("auto", "required", "none")
 
-COMMANDS_HELP = """\
-%chat commands (each acts on the current conversation; add -c NAME to pick another):
-  history                 show the conversation so far
-  reset                   forget every exchange (system prompt and settings stay)
-  undo                    drop the last exchange
-  retry [options]         regenerate the last reply (options as for %%chat, e.g. --seed 3)
-  model [NAME|URL]        show the default model, or make NAME the default and load it; a URL
-                          (http://HOST:PORT/v1, or NAME@URL; --api-key KEY) chats with that endpoint
-  models                  models in the registry, in the cache, loaded, and served by endpoints in use
-  set KEY=VALUE ...       make a setting the conversation's default (VALUE none removes it); keys:
-{setting_keys}
-  settings                every setting, its value and where it comes from
-  system [-c NAME] [TEXT] show or set the conversation's system prompt
-  tools                   the conversation's tools (Python functions the model may call)
-  tools add|remove F ...  offer / stop offering the notebook's functions F ... in every chat
-  tools allow|deny F ...  let F run in this kernel when the model calls it (allow adds F if needed)
-  prompt [--tokens|--ids] [--template NAME]
-                          the exact templated prompt of the last reply and its token count (--tokens:
-                          as token chips by message; --ids: the token ids; --template: as the
-                          built-in template NAME would write it)
-  next [--top K] [--temperature T1,T2] [TEXT]
-                          the next-token distribution after the last prompt (and the reply start
-                          TEXT): the model's, and after the temperature / top_p / top_k settings
-  step [N] / step --pick K  step mode (after %%chat --step): add N sampled tokens, or the K-th
-                          most likely token, and show the next distribution
-  replay [N]              regenerate reply N (default: the last) with its recorded model, settings
-                          and seed, and say whether it is identical
-  save FILE / load FILE   write / read the conversation as JSON
-  conversations           list the conversations
-  panel                   a chat panel widget on the conversation (shares its history with cells)
-  help                    this text
-
-Settings resolve as: cell option > %chat set (per conversation) > %config ChatMagics.<name>.
+_GENERAL_HELP = """\
+Settings resolve as: cell option > %chat set (per conversation) > %config ChatMagics.<name>; \
+the keys of %chat set KEY=VALUE are {setting_keys}.
 --system and a system: block apply to that cell only, except in the cell that starts a conversation,
 where they become its system prompt. Re-running a cell replaces the exchange it produced before.
 An interrupt (Stop button) ends the reply: the partial text is kept, marked as interrupted.
@@ -78,27 +50,52 @@ Structured output: --json asks for a JSON object, --schema VAR for JSON valid fo
 --out VAR stores the parsed value (a validated instance for a pydantic class); a reply cut off at
 max_tokens is marked and --out stores its text.
 Tools: --tools F,G offers the notebook's functions F and G (or nbchat Tools) with the conversation's
-tools. A call the model makes is shown (name, arguments, result); it runs in this kernel only when
-allowed: --run-tools (this cell), %chat tools allow F, or @nbchat.tool(allow_run=True). A result
-(or the error a tool raised) goes back to the model, which answers or calls again, up to
---max-tool-steps rounds (default 5). --tool-choice required|NAME forces the first step to call a
-tool; later steps are auto. A call that may not run is shown with how to allow it, and the cell stops.
-Tools added with %chat tools belong to the conversation: reset keeps them, --new starts without them.
+tools; %chat tools add|remove F offers / stops offering them in every chat, %chat tools allow|deny F
+lets F run in this kernel or not (allow adds F if needed). A call the model makes is shown (name,
+arguments, result); it runs in this kernel only when allowed: --run-tools (this cell), %chat tools
+allow F, or @nbchat.tool(allow_run=True). A result (or the error a tool raised) goes back to the
+model, which answers or calls again, up to --max-tool-steps rounds (default 5). --tool-choice
+required|NAME forces the first step to call a tool; later steps are auto. A call that may not run is
+shown with how to allow it, and the cell stops. Tools added with %chat tools belong to the
+conversation: reset keeps them, --new starts without them.
 """
+
+
+def commands_of(magics: type) -> dict[str, tuple[str, str]]:
+    """``{NAME: (arguments, description)}`` of every ``_cmd_NAME`` method of ``magics`` (and its bases)
+    with a docstring, in definition order. The docstring's first line is the command's help:
+    ``ARGUMENTS -- description``, or just the description when it takes none."""
+    commands: dict[str, tuple[str, str]] = {}
+    for klass in reversed(magics.__mro__):
+        for attribute, method in vars(klass).items():
+            doc = getattr(method, "__doc__", None)
+            if attribute.startswith("_cmd_") and callable(method) and doc and doc.strip():
+                first_line = doc.strip().splitlines()[0].strip()
+                arguments, _, description = first_line.rpartition(" -- ")
+                commands[attribute[len("_cmd_"):]] = (arguments, description)
+    return commands
+
+
+def commands_help(commands: dict[str, tuple[str, str]]) -> str:
+    """The ``%chat`` commands' help lines (``  NAME ARGUMENTS  description``), under a title."""
+    lines = ["%chat commands (each acts on the current conversation; add -c NAME to pick another):"]
+    for name, (arguments, description) in commands.items():
+        usage = f"{name} {arguments}".strip()
+        lines.append(f"  {usage:<23} {description}")
+    return "\n".join(lines)
+
+
+def help_epilog(commands: dict[str, tuple[str, str]]) -> str:
+    """The text after the options in ``%chat help``: the commands, the settings and the cell grammar."""
+    general = _GENERAL_HELP.format(setting_keys=", ".join(SET_KEYS))
+    general = "\n".join(textwrap.fill(line, width=100) if line.startswith("Settings resolve") else line
+                        for line in general.split("\n"))
+    return commands_help(commands) + "\n\n" + general + "\n" + _cell_grammar_help()
 
 
 def _cell_grammar_help() -> str:
     doc = cells.__doc__ or ""
     return doc[doc.index("Role headers") :].strip() if "Role headers" in doc else doc
-
-
-_SETTING_KEYS = textwrap.fill(
-    ", ".join(SET_KEYS),
-    width=100,
-    initial_indent=" " * 26,
-    subsequent_indent=" " * 26,
-)
-HELP_EPILOG = COMMANDS_HELP.format(setting_keys=_SETTING_KEYS) + "\n" + _cell_grammar_help()
 
 
 # The %%chat options, in the order the help lists them.
@@ -179,12 +176,20 @@ _CELL_ARGUMENTS = (
 
 
 def cell_arguments(magic: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator giving a magic the ``%%chat`` options: ``magic.parser`` parses them and the magic's
-    docstring becomes the full help (its own docstring, the options, then :data:`HELP_EPILOG`)."""
+    """Decorator giving a magic the ``%%chat`` options: ``magic.parser`` parses them; the magic's
+    docstring becomes the full help once :func:`set_help_epilog` adds the commands (known only when
+    the class holding them exists)."""
     # In a decorator stack the one closest to the function applies first: apply the list from its end.
     for declaration in reversed(_CELL_ARGUMENTS):
         magic = declaration(magic)
-    return magic_arguments(name="%chat")(kwds(epilog=HELP_EPILOG)(magic))  # shown as %%chat in the usage
+    return magic_arguments(name="%chat")(magic)  # shown as %%chat in the usage
+
+
+def set_help_epilog(magic: Callable[..., Any], epilog: str) -> None:
+    """Put ``epilog`` after the options in ``magic``'s help (its docstring, as ``magic_arguments``
+    builds it)."""
+    magic.parser.epilog = epilog  # type: ignore[attr-defined]
+    magic.__doc__ = magic.parser.format_help()  # type: ignore[attr-defined]
 
 
 # --- words and values -----------------------------------------------------------------------------
@@ -219,84 +224,6 @@ def pop_conversation_option(tokens: list[str]) -> tuple[str | None, list[str]]:
             rest.append(token)
         index += 1
     return name, rest
-
-
-def suggest(name: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the choice closest to a mistyped ``name``, or ''."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def decode_escapes(text: str) -> str:
-    """``\\n``, ``\\t`` and ``\\\\`` in an option value, so ``--stop "\\n\\n"`` means two newlines."""
-    return text.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
-
-
-def _parse_bool(text: str, key: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "yes", "on", "1"):
-        return True
-    if lowered in ("false", "no", "off", "0"):
-        return False
-    raise UsageError(f"{key} must be true or false, not {text!r}")
-
-
-def parse_setting(key: str, text: str) -> Any:
-    """The value of ``%chat set KEY=TEXT``, converted to the setting's type (None = remove)."""
-    if text.strip().lower() in ("none", "null", "default", ""):
-        return None
-    try:
-        if key in ("temperature", "top_p"):
-            return float(text)
-        if key in ("top_k", "max_tokens", "seed"):
-            return int(text)
-        if key == "max_tool_steps":
-            return check_tool_steps(int(text), key)
-    except ValueError:
-        kind = "a number" if key in ("temperature", "top_p") else "an integer"
-        raise UsageError(f"{key} must be {kind}, not {text!r}") from None
-    if key == "stop":
-        if text.lstrip().startswith("["):
-            try:
-                stops = json.loads(text)
-            except json.JSONDecodeError:
-                raise UsageError(f"stop: {text!r} is not a JSON list of strings") from None
-            if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
-                raise UsageError(f"stop: {text!r} is not a JSON list of strings")
-            return stops
-        return [decode_escapes(text)]
-    if key == "format":
-        if text not in FORMATS:
-            raise UsageError(f"format must be one of {', '.join(FORMATS)}, not {text!r}")
-        return text
-    if key in ("stream", "interpolate"):
-        return _parse_bool(text, key)
-    return text
-
-
-def parse_set_words(words: list[str]) -> dict[str, Any]:
-    """``%chat set``'s ``KEY=VALUE`` words as ``{key: value}``: settings converted to their types
-    (None = remove), ``system`` and ``conversation`` as written."""
-    if not words:
-        raise UsageError(f"%chat set needs KEY=VALUE pairs; keys: {', '.join(SET_KEYS)}")
-    updates: dict[str, Any] = {}
-    for word in words:
-        key, equals, value = word.partition("=")
-        key = key.strip().replace("-", "_")
-        if not equals:
-            raise UsageError(f"%chat set: expected KEY=VALUE, got {word!r}")
-        if key not in SET_KEYS:
-            raise UsageError(
-                f"unknown setting {key!r}{suggest(key, SET_KEYS)}; settings: {', '.join(SET_KEYS)}"
-            )
-        updates[key] = value if key in ("system", "conversation") else parse_setting(key, value)
-    return updates
-
-
-def check_tool_steps(steps: int, name: str) -> int:
-    if steps < 0:
-        raise UsageError(f"{name} must be 0 or more (0: show tool calls, never run them), not {steps}")
-    return steps
 
 
 def split_names(values: Iterable[str]) -> list[str]:
@@ -384,7 +311,7 @@ def _describe(value: Any) -> str:
 
 
 def _schema_name(name: str) -> str:
-    """A name OpenAI's json_schema accepts (``^[a-zA-Z0-9_-]{1,64}$``) from a variable or class name."""
+    """A name OpenAI's json_schema accepts (``TOOL_NAME_PATTERN``) from a variable or class name."""
     return re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "schema"
 
 
@@ -443,7 +370,7 @@ def tool_from_namespace(name: str, where: str, namespace: Mapping[str, Any]) -> 
     if not callable(value) or isinstance(value, type):
         raise UsageError(f"{where}: {name!r} is {_describe(value)}, not a function")
     own_name = getattr(value, "__name__", "")
-    tool_name = own_name if re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", own_name) else name
+    tool_name = own_name if re.fullmatch(TOOL_NAME_PATTERN, own_name) else name
     try:
         return Tool.from_function(value, name=tool_name)
     except (TypeError, ValueError) as error:
@@ -460,7 +387,8 @@ def build_request(
     tools: list[dict[str, Any]] | None = None,
     tool_choice: Any = None,
 ) -> dict[str, Any]:
-    """The streamed chat completion request for ``messages``, validated before any model loads."""
+    """The streamed chat completion request for ``messages`` (validated by the engine, or before the
+    model loads by :func:`check_request`)."""
     request: dict[str, Any] = {
         "messages": messages,
         "stream": True,
@@ -476,7 +404,12 @@ def build_request(
         request["tools"] = tools
     if tool_choice is not None:
         request["tool_choice"] = tool_choice
-    from nbchat.protocol import validate_request
+    return request
+
+
+def check_request(request: dict[str, Any]) -> dict[str, Any]:
+    """``request``, validated now (before any model loads); a mistake is a one-line UsageError."""
+    from nbchat.protocol.requests import validate_request
 
     try:
         validate_request(request)

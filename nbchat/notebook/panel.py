@@ -34,9 +34,9 @@ from nbchat.errors import NbchatError
 from nbchat.notebook import tool_loop
 from nbchat.notebook.cells import interpolate
 from nbchat.notebook.engines import known_models, loaded_engine
-from nbchat.notebook.options import parse_setting
 from nbchat.notebook.panel_view import PENDING_ID, PanelReplyView, transcript_entries, turn_entries
 from nbchat.notebook.render import fence, one_line
+from nbchat.notebook.settings import parse_setting
 from nbchat.turns import TurnControl, fill_turn, run_turn
 
 _HERE = Path(__file__).parent

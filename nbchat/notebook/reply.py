@@ -22,7 +22,8 @@ class ChatReply:
     incomplete. ``tool_calls`` are the calls the model made in this exchange (OpenAI dicts); their
     results are among ``messages``. ``usage`` adds up every request of the exchange.
 
-    Its repr is a one-line summary, so the cell's ``Out`` does not print the streamed reply again.
+    A cell's result is kept in ``Out[n]`` and ``_`` but shows nothing (the reply was drawn as it
+    streamed); its repr is a one-line summary for ``print(repr(reply))``.
     """
 
     text: str
@@ -51,8 +52,8 @@ class ChatReply:
         parts.append("interrupted" if self.interrupted else f"finish_reason={self.finish_reason!r}")
         return f"ChatReply({', '.join(parts)})"
 
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        printer.text(repr(self))
+    def _ipython_display_(self) -> None:
+        """Nothing to show: IPython's display hook still stores the value in ``Out`` and ``_``."""
 
 
 def chat_reply(exchange: Exchange, text: str, value: Any) -> ChatReply:

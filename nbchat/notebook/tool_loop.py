@@ -17,9 +17,9 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from nbchat.conversation import Conversation
-from nbchat.notebook.options import REQUEST_SETTINGS, build_request, suggest, tool_from_namespace
+from nbchat.notebook.options import build_request, check_request, tool_from_namespace
+from nbchat.notebook.settings import REQUEST_SETTINGS, suggest
 from nbchat.tools import Tool, ToolRegistry
-from nbchat.turns import after_first_step
 
 # How a refused call tells the user to let it run (``{name}``: the tool).
 HOW_TO_ALLOW = "allow it with `%chat tools allow {name}`, or re-run the cell with `--run-tools`"
@@ -94,13 +94,10 @@ def tools_for(conversation: Conversation, names: Iterable[str], namespace: Mappi
 def first_request(
     messages: list[dict[str, Any]], settings: Mapping[str, Any], registry: ToolRegistry
 ) -> dict[str, Any]:
-    """The exchange's first request, offering ``registry``'s tools. The tool_choice later steps use is
-    checked too, so both fail here, before the model loads."""
+    """The exchange's first request, offering ``registry``'s tools, checked before the model loads
+    (the later steps' tool_choice, auto, is valid whenever the first one is)."""
     tools, tool_choice = registry.schemas() or None, settings.get("tool_choice")
-    request = build_request(messages, settings, tools=tools, tool_choice=tool_choice)
-    if tools and tool_choice != after_first_step(tool_choice):
-        build_request(messages, settings, tools=tools, tool_choice=after_first_step(tool_choice))
-    return request
+    return check_request(build_request(messages, settings, tools=tools, tool_choice=tool_choice))
 
 
 def turn_metadata(request: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def _install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            from nbchat.protocol import ChatCompletionRequest
+            from nbchat.protocol.requests import ChatCompletionRequest
 
             document = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -26,7 +26,7 @@ from nbchat.server.metrics import RequestRecord, ServerMetrics
 
 if TYPE_CHECKING:
     from nbchat.api import Engine
-    from nbchat.protocol import ChatCompletion, ChatCompletionChunk
+    from nbchat.protocol.responses import ChatCompletion, ChatCompletionChunk
 
 
 class Generation:
