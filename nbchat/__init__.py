@@ -68,6 +68,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'nbchat' has no attribute {name!r}")
 
 
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the built JupyterLab extension lies in the package (``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "nbchat"}]
+
+
 def load_ipython_extension(ipython) -> None:
     """``%load_ext nbchat``: register the chat magics (no model is loaded until the first chat)."""
     from nbchat.notebook.magics import load_ipython_extension as load

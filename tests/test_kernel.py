@@ -26,7 +26,7 @@ from nbclient import NotebookClient
 
 from nbchat import __version__
 from nbchat.cli import main as nbchat_main
-from nbchat.notebook.render import INTERRUPTED_TEXT
+from nbchat.notebook.render import INTERRUPTED_TEXT, REPLY_MIMETYPE
 from nbchat.notebook.run import execute_notebook, print_exchange
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ def test_a_plain_cell_is_a_turn_shown_with_the_chat_reply_bundle(fresh):
     run = fresh.execute("Hello there", cell_id="plain")
     assert run.reply["status"] == "ok"
     bundle = run.reply_bundle()
-    assert set(bundle["data"]) == {"text/markdown", "text/plain"}
+    assert set(bundle["data"]) == {REPLY_MIMETYPE, "text/markdown", "text/plain"}  # the lab extension's data
     assert bundle["metadata"]["nbchat"]["turn"] == 0
     assert bundle["metadata"]["nbchat"]["settings"] == {
         "temperature": 0.0,
@@ -482,7 +482,7 @@ def test_a_notebook_runs_on_the_chat_kernel(jupyter, tmp_path):
 
     assert notebook.metadata["language_info"]["name"] == "markdown"
     assert [reply(cells[i]).metadata["nbchat"]["turn"] for i in (1, 2)] == [0, 1]
-    assert set(reply(cells[1]).data) == {"text/markdown", "text/plain"}
+    assert set(reply(cells[1]).data) == {REPLY_MIMETYPE, "text/markdown", "text/plain"}
     transcript = cells[3].outputs[0].data["text/plain"]
     assert transcript.startswith("user: What colour is a ripe mango?\n\nassistant: ")
     assert "\n\nuser: hot\n\nassistant: cold\n\nuser: up\n\nassistant: " in transcript

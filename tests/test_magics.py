@@ -22,7 +22,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from nbchat.conversation import Conversation
 from nbchat.notebook import engines as engines_module
 from nbchat.notebook.render import INTERRUPTED_MARKDOWN, INTERRUPTED_TEXT
-from tests.test_render import RecordingPublisher
+from tests.test_render import RecordingPublisher, without_reply_data
 from tests.tiny_model import make_tiny_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_reply_streams_through_one_display_and_ends_as_markdown_with_metadata(ch
     assert len({output["transient"]["display_id"] for output in displays}) == 1
     assert displays[0]["update"] is False and all(output["update"] for output in displays[1:])
     final = displays[-1]
-    assert final["data"] == {"text/markdown": reply.text, "text/plain": reply.text}
+    assert without_reply_data(final["data"]) == {"text/markdown": reply.text, "text/plain": reply.text}
     metadata = final["metadata"]["nbchat"]
     assert metadata["model"] == str(tiny_model_dir)
     assert metadata["settings"] == {"temperature": 0.0, "max_tokens": 12}
@@ -346,6 +346,17 @@ def test_new_starts_a_fresh_conversation(chat):
     assert len(chat.conversation()) == 1
 
 
+def test_reply_data_for_the_lab_extension_says_how_the_reply_ended(chat, tiny_model_dir):
+    from nbchat.notebook.render import REPLY_MIMETYPE
+
+    reply = chat.run("%%chat --max-tokens 6\nHello there").result
+    payload = chat.outputs[-1]["data"][REPLY_MIMETYPE]
+    assert payload["text"] == payload["markdown"] == reply.text
+    assert (payload["format"], payload["model"]) == ("markdown", str(tiny_model_dir))
+    assert (payload["finish_reason"], payload["interrupted"]) == (reply.finish_reason, False)
+    assert payload["usage"] == reply.usage and reply.usage["completion_tokens"] > 0
+
+
 def test_no_stream_draws_the_reply_once(chat):
     reply = chat.run("%%chat --no-stream --max-tokens 10\nHi").result
     assert len(chat.outputs) == 2  # the placeholder, then the complete reply
@@ -354,7 +365,7 @@ def test_no_stream_draws_the_reply_once(chat):
 
 def test_text_format_shows_plain_text(chat):
     reply = chat.run("%%chat --format text\nHi").result
-    assert chat.outputs[-1]["data"] == {"text/plain": reply.text}
+    assert without_reply_data(chat.outputs[-1]["data"]) == {"text/plain": reply.text}
 
 
 def test_code_format_offers_the_code_as_the_next_cell(chat):

@@ -29,7 +29,7 @@ from nbchat.notebook.render import (
 )
 from tests import test_magics
 from tests.test_magics import SETTING_TRAITS, Chat
-from tests.test_render import RecordingPublisher
+from tests.test_render import RecordingPublisher, without_reply_data
 
 # Every value bounded: whatever the random model picks, the reply completes within a few tokens
 # plus the grammar's whitespace allowance.
@@ -146,7 +146,7 @@ def test_json_asks_for_a_json_object_and_a_cut_off_reply_is_marked_and_stored_as
     assert reply.finish_reason == "length" and reply.text.startswith("{")
     assert chat.shell.user_ns["data"] == reply.text == reply.value
     data = final(chat)["data"]
-    assert data == {
+    assert without_reply_data(data) == {
         "text/markdown": f"{fence(reply.text, 'json')}\n\n{TRUNCATED_MARKDOWN}",
         "text/plain": f"{reply.text} {TRUNCATED_TEXT}",
     }
@@ -167,7 +167,7 @@ def test_schema_from_a_dict_or_a_string_gives_parsed_valid_json_shown_formatted(
     value = json.loads(reply.text)
     jsonschema.validate(value, BOUNDED_SCHEMA)
     assert reply.value == value and chat.shell.user_ns["picked"] == value
-    assert final(chat)["data"] == {
+    assert without_reply_data(final(chat)["data"]) == {
         "application/json": value,
         "text/markdown": fence(pretty_json(value), "json"),
         "text/plain": pretty_json(value),
@@ -194,7 +194,7 @@ def test_json_the_pydantic_class_refuses_is_stored_parsed_with_a_warning(chat, c
 def test_a_json_format_is_kept_when_the_cell_asks_for_another_format(chat):
     chat.shell.user_ns["pick"] = BOUNDED_SCHEMA
     reply = chat.run(f"%%chat --schema pick --format text --max-tokens {SCHEMA_TOKENS}\nhi").result
-    assert final(chat)["data"] == {"text/plain": reply.text}
+    assert without_reply_data(final(chat)["data"]) == {"text/plain": reply.text}
 
 
 # --- errors ---------------------------------------------------------------------------------------

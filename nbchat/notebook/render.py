@@ -11,6 +11,10 @@ Reply formats are a table (:data:`FORMATS`). A reply that calls tools is drawn i
 each step's text, then its tool calls as collapsible blocks (name, arguments, result or error) that
 change state as the calls stream, run or are refused (:class:`ToolCallView`). Nothing here knows
 about models, tools' code or conversations' storage; the magic hands over text, calls and metadata.
+
+The final render also carries :data:`REPLY_MIMETYPE` (:func:`reply_payload`): the reply as data for
+the JupyterLab extension, which draws the same Markdown with code-block actions and finish-state
+badges. Front ends without the extension skip it and show the Markdown or the plain text.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ INTERRUPTED_TEXT = "[interrupted]"
 TRUNCATED_MARKDOWN = "*✂ cut off at max_tokens: the JSON is incomplete*"
 TRUNCATED_TEXT = "[cut off at max_tokens: the JSON is incomplete]"
 STREAMING_CURSOR = "▌"
+# The JupyterLab extension's renderer reads this MIME type; the payload's shape is versioned.
+REPLY_MIMETYPE = "application/vnd.nbchat.reply+json"
+REPLY_PAYLOAD_VERSION = 1
 # ~15 redraws a second: smooth to the eye, and a 100 tok/s model does not flood the front end.
 DEFAULT_MIN_INTERVAL = 1 / 15
 
@@ -110,6 +117,35 @@ def _code_final(text: str, interrupted: bool, truncated: bool = False) -> Bundle
         bundle["text/markdown"] += f"\n\n{INTERRUPTED_MARKDOWN}"
         bundle["text/plain"] += f"\n{INTERRUPTED_TEXT}"
     return bundle
+
+
+def reply_payload(
+    *,
+    text: str,
+    format: str,
+    markdown: str | None,
+    interrupted: bool,
+    metadata: dict[str, Any],
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The reply as data (:data:`REPLY_MIMETYPE`): its ``text``, its ``format``, the ``markdown`` the
+    reply is drawn as without the finish-state note (None for the text format: drawn as plain text),
+    how it ended (``finish_reason``, ``interrupted``), the ``model``, the token ``usage`` and, when the
+    request asked for them, the per-token ``logprobs`` (OpenAI's ``logprobs.content`` entries).
+    ``metadata`` is the reply's ``nbchat`` output metadata (model, finish_reason, usage)."""
+    payload: dict[str, Any] = {
+        "version": REPLY_PAYLOAD_VERSION,
+        "text": text,
+        "format": format,
+        "markdown": markdown,
+        "finish_reason": metadata.get("finish_reason"),
+        "interrupted": interrupted,
+        "model": metadata.get("model"),
+        "usage": metadata.get("usage"),
+    }
+    if logprobs is not None:
+        payload["logprobs"] = logprobs
+    return payload
 
 
 def parse_json(text: str) -> tuple[bool, Any]:
@@ -264,6 +300,7 @@ class ReplyView:
         if format not in FORMATS:
             raise ValueError(f"unknown reply format {format!r}; choose one of {', '.join(FORMATS)}")
         self.format = FORMATS[format]
+        self.format_name = format
         self.live = live
         self.stream = stream
         self.min_interval = min_interval
@@ -340,12 +377,31 @@ class ReplyView:
             self._stdout.flush()
 
     def finish(
-        self, *, interrupted: bool = False, truncated: bool = False, metadata: dict[str, Any] | None = None
+        self,
+        *,
+        interrupted: bool = False,
+        truncated: bool = False,
+        metadata: dict[str, Any] | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> None:
+        """The final render; ``logprobs`` (per-token entries, when the request asked for them) go
+        into the reply's :data:`REPLY_MIMETYPE` data only."""
         if self.live:
+            metadata = {**self.metadata, **(metadata or {})}
             bundle = self._bundle(final=True, interrupted=interrupted, truncated=truncated)
-            self.final_bundle, self.final_metadata = bundle, {**self.metadata, **(metadata or {})}
-            self._redraw(bundle, self.final_metadata)
+            body = self._bundle(final=True) if interrupted or truncated else bundle
+            texts = [part for part in self.parts if isinstance(part, str)]
+            texts += [self.text] if self.text else []
+            payload = reply_payload(
+                text="\n\n".join(texts),
+                format=self.format_name,
+                markdown=body.get("text/markdown"),
+                interrupted=interrupted,
+                metadata=metadata.get("nbchat") or {},
+                logprobs=logprobs,
+            )
+            self.final_bundle, self.final_metadata = {REPLY_MIMETYPE: payload, **bundle}, metadata
+            self._redraw(self.final_bundle, self.final_metadata)
             return
         # Terminal: write what has not been written yet (all of it when not streaming), then end the line.
         self._stdout.write(self.text[self._written :])
@@ -363,10 +419,10 @@ class ReplyView:
         """Redraw the finished reply with more representations (a teaching view's ``text/html``),
         which front ends prefer to its Markdown. A terminal shows nothing more."""
         if self.live and self.final_bundle is not None:
-            self._redraw(
-                {**extra, **{k: v for k, v in self.final_bundle.items() if k not in extra}},
-                self.final_metadata,
-            )
+            # Without the reply data: the lab extension's renderer ranks above every other one and
+            # would hide the view.
+            kept = {k: v for k, v in self.final_bundle.items() if k not in extra and k != REPLY_MIMETYPE}
+            self._redraw({**extra, **kept}, self.final_metadata)
 
     def discard(self) -> None:
         """Blank the placeholder of a reply that never came (the request failed)."""
