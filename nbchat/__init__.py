@@ -32,6 +32,7 @@ logging.getLogger("transformers").addFilter(_not_the_torch_advisory)
 
 # Public name -> module that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
+    "ChatPanel": "nbchat.notebook.panel",
     "Engine": "nbchat.api",
     "Tool": "nbchat.tools",
     "ToolRegistry": "nbchat.tools",
@@ -39,6 +40,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ChatPanel",
     "ContextLengthError",
     "Engine",
     "InvalidRequestError",
@@ -54,6 +56,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from nbchat.api import Engine
+    from nbchat.notebook.panel import ChatPanel
     from nbchat.tools import Tool, ToolRegistry, tool
 
 

@@ -131,6 +131,16 @@ def test_quickstart_reply_as_a_value(quickstart):
     assert lines[1].endswith("tokens; 2 messages")
 
 
+def test_quickstart_shows_the_chat_panel_on_the_same_conversation(quickstart):
+    panel = cell_by_source(quickstart, "%chat panel")
+    assert any("application/vnd.jupyter.widget-view+json" in out.get("data", {}) for out in panel.outputs)
+    sent = cell_by_source(quickstart, "import nbchat\n\npanel = nbchat.ChatPanel()")
+    reply = next(out.data["text/plain"] for out in sent.outputs if out.output_type == "execute_result")
+    assert reply.strip("'\"").strip()
+    # The conversation the --out cell started, plus the panel's exchange.
+    assert printed(cell_by_source(quickstart, "print(len(panel.messages)")) == "4 messages; 40 max tokens\n"
+
+
 def test_sampling_runs_without_errors(sampling):
     assert_no_errors(sampling)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from IPython.core.error import UsageError
@@ -95,16 +97,22 @@ def known_models() -> list[tuple[str, str, bool, bool]]:
     return rows
 
 
-def shared_engine(model: str, dtype: str | None, *, api_key: str | None = None) -> Engine | RemoteEngine:
+_PRINT_NOW = partial(print, flush=True)
+
+
+def shared_engine(
+    model: str, dtype: str | None, *, api_key: str | None = None, report: Callable[[str], None] = _PRINT_NOW
+) -> Engine | RemoteEngine:
     """The shared engine for ``model``. On first use: load it, compile it with a two-token warm-up
-    reply, and print a one-line summary. A model that cannot load is a one-line UsageError. A model
-    written as a URL is the endpoint's client (``api_key`` is for it): nothing loads."""
+    reply, and ``report`` each stage in one line (printed; the chat panel shows them in its status
+    line). A model that cannot load is a one-line UsageError. A model written as a URL is the
+    endpoint's client (``api_key`` is for it): nothing loads."""
     if split_endpoint(model) is not None:
         return remote_engine(model, api_key)
     key = (model, dtype)
     if key in _ENGINES:
         return _ENGINES[key]
-    print(f"Loading {model} (first use in this kernel)...", flush=True)
+    report(f"Loading {model} (first use in this kernel)...")
     started = time.perf_counter()
     from nbchat.api import Engine
 
@@ -115,7 +123,7 @@ def shared_engine(model: str, dtype: str | None, *, api_key: str | None = None) 
         raise UsageError(f"cannot load model {model!r}: {error}") from None
     _ENGINES[key] = engine
     loaded = time.perf_counter()
-    print("Compiling (first use only)...", flush=True)
+    report("Compiling (first use only)...")
     # Through the public API, so the programs a short chat needs are the ones compiled.
     warm_up = engine.chat.completions.create(
         messages=[{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0.0, stream=True
@@ -125,7 +133,7 @@ def shared_engine(model: str, dtype: str | None, *, api_key: str | None = None) 
             pass
     done = time.perf_counter()
     timing = f"in {done - started:.1f} s (weights {loaded - started:.1f} s, compile {done - loaded:.1f} s)"
-    print(f"Loaded {engine_summary(engine)} {timing}", flush=True)
+    report(f"Loaded {engine_summary(engine)} {timing}")
     return engine
 
 

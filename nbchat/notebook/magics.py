@@ -7,9 +7,9 @@ cause is shown as one ``UsageError`` line and leaves the conversation unchanged.
 
 This module is the IPython-facing part: the magic, the kernel's conversations and the ``%chat``
 commands. It must not hold what the other notebook modules do: the settings (``settings.py``), the
-options, their help and the request (``options.py``), the tools and the exchange loop
-(``tool_loop.py``), reading a stream and the result type (``reply.py``), loading engines
-(``engines.py``), the cell grammar (``cells.py``) or drawing output (``render.py``).
+options, their help and the request (``options.py``), the tools (``tool_loop.py``), the turn itself
+(``nbchat.turns``), the result type (``reply.py``), loading engines (``engines.py``), the cell
+grammar (``cells.py``) or drawing output (``render.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from nbchat.notebook.options import (
     split_words,
 )
 from nbchat.notebook.render import ReplyView, supports_live_updates
-from nbchat.notebook.reply import ChatReply, structured_value
+from nbchat.notebook.reply import ChatReply, chat_reply, structured_value
 from nbchat.notebook.settings import (
     REQUEST_SETTINGS,
     SETTINGS,
@@ -64,6 +64,7 @@ from nbchat.notebook.settings import (
     suggest,
 )
 from nbchat.remote import api_key_and_source, is_endpoint, mask_key
+from nbchat.turns import TurnGate, fill_turn, run_turn
 
 __all__ = [
     "COMMANDS_HELP",
@@ -98,6 +99,8 @@ class ChatMagics(Magics, ChatSettings):
         self.current = DEFAULT_CONVERSATION
         self._cell_id: str | None = None
         self._keys_this_run: Counter[str] = Counter()
+        # Cells, commands and chat panels take turns on the conversations: one at a time.
+        self.turn_gate = TurnGate()
         self._steps: dict[str, teaching.StepState] = {}  # replies in step mode, by conversation
 
     # --- IPython events ---------------------------------------------------------------------------
@@ -129,9 +132,16 @@ class ChatMagics(Magics, ChatSettings):
         place, and later %%chat cells continue the conversation.
         %chat COMMAND     -- manage conversations and settings (see %chat help).
         """
-        if cell is None:
-            return self._command(line)
-        return self._chat_cell(line, cell)
+        waiting = partial(print, "Waiting for the chat panel's reply to finish...", flush=True)
+        if not self.turn_gate.acquire(on_wait=waiting):
+            print("Interrupted: the chat panel's reply was stopped (and kept); this cell did not run.")
+            return None
+        try:
+            if cell is None:
+                return self._command(line)
+            return self._chat_cell(line, cell)
+        finally:
+            self.turn_gate.release()
 
     # --- %%chat -----------------------------------------------------------------------------------
 
@@ -266,7 +276,19 @@ class ChatMagics(Magics, ChatSettings):
             "turn": index,
             "reproduce": reproduce,
         }
-        exchange = tool_loop.run_exchange(open_stream, request, view, registry, settings, metadata)
+        try:
+            exchange = run_turn(
+                open_stream,
+                request,
+                view,
+                registry,
+                run_tools=bool(settings.get("run_tools")),
+                max_tool_steps=settings["max_tool_steps"],
+                metadata=tool_loop.turn_metadata(request, metadata),
+                how_to_allow=tool_loop.HOW_TO_ALLOW,
+            )
+        except NbchatError as error:
+            raise UsageError(str(error)) from None
         if exchange is None:
             print("Interrupted before the model replied; the conversation is unchanged.")
             return None
@@ -279,12 +301,7 @@ class ChatMagics(Magics, ChatSettings):
             view.add_to_final(teaching.probs_bundle(engine, recorders[-1].content, note=ended))
         turn.reproduce = reproduce
         last = exchange.last
-        turn.reply = exchange.reply
-        turn.interrupted = last.interrupted
-        turn.finish_reason = last.finish_reason
-        turn.usage = exchange.usage
-        turn.model = settings["model"]
-        conversation.put(turn, index)
+        conversation.put(fill_turn(turn, exchange, settings["model"]), index)
         text = turn.reply_text
         value: Any = text
         if settings.get("response_format") and not last.tool_calls:
@@ -293,11 +310,13 @@ class ChatMagics(Magics, ChatSettings):
             code, _ = render.extract_code(text)
             if code.strip():
                 self.shell.set_next_input(code)
-        return exchange.chat_reply(text, value)
+        return chat_reply(exchange, text, value)
 
-    def _engine_for(self, model: str) -> Any:
-        """The chat backend of ``model``: the shared local engine, or a remote endpoint's client."""
-        return shared_engine(backend_model(model, self.base_url), self.dtype, api_key=self.api_key)
+    def _engine_for(self, model: str, **load_options: Any) -> Any:
+        """The chat backend of ``model``: the shared local engine, or a remote endpoint's client
+        (``load_options``: ``shared_engine``'s, e.g. where a first load reports its progress)."""
+        backend = backend_model(model, self.base_url)
+        return shared_engine(backend, self.dtype, api_key=self.api_key, **load_options)
 
     def _open_stream(self, engine: Any, request: dict[str, Any]) -> Any:
         """Start a streamed chat completion (one place, so tools and tests can wrap the stream)."""
@@ -481,6 +500,15 @@ class ChatMagics(Magics, ChatSettings):
         updates = parse_set_words(words)
         if "conversation" in updates:
             self._conversation(updates["conversation"])
+        self.apply_settings(conversation, updates)
+        if "conversation" in updates:
+            self.current = updates["conversation"]
+        shown = ", ".join(f"{key}={value!r}" for key, value in updates.items())
+        print(f"Set {shown} (conversation {conversation.name!r}).")
+
+    def apply_settings(self, conversation: Conversation, updates: dict[str, Any]) -> None:
+        """Make ``updates`` (settings converted to their types, None = remove; ``system``) the
+        conversation's own, as ``%chat set`` does; every value is checked before anything changes."""
         new_settings = {**conversation.settings, **{k: v for k, v in updates.items() if k in SETTINGS}}
         new_settings = {key: value for key, value in new_settings.items() if value is not None}
         # Validate the request fields now, so a bad value fails here and not at the next chat.
@@ -489,10 +517,6 @@ class ChatMagics(Magics, ChatSettings):
         conversation.settings = new_settings
         if "system" in updates:
             conversation.system = updates["system"] or None
-        if "conversation" in updates:
-            self.current = updates["conversation"]
-        shown = ", ".join(f"{key}={value!r}" for key, value in updates.items())
-        print(f"Set {shown} (conversation {conversation.name!r}).")
 
     def _cmd_settings(self, rest: str) -> None:
         """every setting, its value and where it comes from"""
@@ -967,6 +991,16 @@ class ChatMagics(Magics, ChatSettings):
             for name, runs, description in rows
         )
         render.show(markdown, text)
+
+    def _cmd_panel(self, rest: str) -> None:
+        """a chat panel widget on the conversation (its history is the cells' history)"""
+        conversation, words = self._target(rest)
+        self._no_arguments("panel", words)
+        from IPython.display import display
+
+        from nbchat.notebook.panel import ChatPanel
+
+        display(ChatPanel(conversation.name, shell=self.shell))
 
     def _cmd_conversations(self, rest: str) -> None:
         """list the conversations"""

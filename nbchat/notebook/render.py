@@ -30,6 +30,8 @@ from typing import Any, TextIO
 
 from IPython.display import DisplayHandle, display
 
+from nbchat.turns import NOT_RUN_PREFIX
+
 INTERRUPTED_MARKDOWN = "*⏹ interrupted*"
 INTERRUPTED_TEXT = "[interrupted]"
 TRUNCATED_MARKDOWN = "*✂ cut off at max_tokens: the JSON is incomplete*"
@@ -200,8 +202,6 @@ TOOL_CALL_STATES = {
     "not run": "⏸ not run",
 }
 _PREVIEW_CHARS = 80
-# How the error result of a call that was not run starts (the history tells it from a tool's error).
-NOT_RUN_PREFIX = "not run: "
 
 
 @dataclass
@@ -410,6 +410,10 @@ class ReplyView:
             self._stdout.write(f" {INTERRUPTED_TEXT}" if self.text else INTERRUPTED_TEXT)
         self._stdout.write("\n")
         self._stdout.flush()
+
+    def warn(self, message: str) -> None:
+        """A warning under the reply (the turn stopped early but kept what happened)."""
+        warn(message)
 
     def add_to_final(self, extra: Bundle) -> None:
         """Redraw the finished reply with more representations (a teaching view's ``text/html``),

@@ -1,22 +1,16 @@
-"""What a ``%%chat`` returns, and how one streamed reply is read.
-
-:class:`ChatReply` is a cell's result (its ``Out``, and what ``--out`` stores), made from the
-:class:`Exchange` the tool loop fills. :func:`stream_reply` reads one streamed chat completion into
-a :class:`StreamOutcome` -- text, tool calls gathered from their deltas, finish reason, usage --
-drawing it in a ``render.ReplyView`` as it comes; :func:`structured_value` is the value of a
-``--json`` / ``--schema`` reply. Nothing here builds requests, runs tools, loads models or keeps
-conversations.
+"""What a ``%%chat`` returns: :class:`ChatReply`, a cell's result (its ``Out``, and what ``--out``
+stores), made from the ``nbchat.turns.Exchange`` a turn produced; :func:`structured_value` is the
+value of a ``--json`` / ``--schema`` reply. Nothing here builds requests, streams, runs tools, loads
+models or keeps conversations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbchat.errors import NbchatError
-from nbchat.notebook.render import ReplyView, one_line, parse_json, warn
-from nbchat.protocol.deltas import add_tool_call_delta
+from nbchat.notebook.render import one_line, parse_json, warn
+from nbchat.turns import Exchange, StreamOutcome
 
 
 @dataclass(repr=False)
@@ -62,102 +56,23 @@ class ChatReply:
         """Nothing to show: IPython's display hook still stores the value in ``Out`` and ``_``."""
 
 
-@dataclass
-class StreamOutcome:
-    """What one streamed request produced: its text, its tool calls (OpenAI dicts, by index), how it
-    ended, its token usage, and whether the user interrupted it."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    interrupted: bool = False
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class Exchange:
-    """What an exchange produced: the request's messages, the reply messages (assistant messages,
-    with their tool calls, and tool results), the usage of every request added up, the last reply's
-    outcome, the tool steps run, and the output metadata its display ended with (model,
-    conversation, turn, request settings, how it ended)."""
-
-    messages: list[dict[str, Any]]
-    last: StreamOutcome
-    reply: list[dict[str, Any]] = field(default_factory=list)
-    usage: dict[str, Any] | None = None
-    steps: int = 0
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tool_calls(self) -> list[dict[str, Any]]:
-        """Every tool call the model made in the exchange, in order."""
-        return [call for message in self.reply for call in message.get("tool_calls") or ()]
-
-    def chat_reply(self, text: str, value: Any) -> ChatReply:
-        """The cell's result, given the reply's text and its value (see :class:`ChatReply`)."""
-        return ChatReply(
-            text=text,
-            messages=[*self.messages, *self.reply],
-            usage=self.usage,
-            finish_reason=self.last.finish_reason,
-            interrupted=self.last.interrupted,
-            model=self.metadata["model"],
-            conversation=self.metadata["conversation"],
-            turn=self.metadata["turn"],
-            settings=dict(self.metadata["settings"]),
-            value=value,
-            tool_calls=self.tool_calls,
-        )
-
-
-def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Token usage of an exchange of several requests: every count added up."""
-    if usage is None:
-        return total
-    if total is None:
-        return dict(usage)
-    return {key: total.get(key, 0) + value for key, value in usage.items() if isinstance(value, int)}
-
-
-def stream_reply(
-    open_stream: Callable[[dict[str, Any]], Iterable[Any]], request: dict[str, Any], view: ReplyView
-) -> StreamOutcome:
-    """Stream ``request`` (through ``open_stream``) into ``view``: text deltas and tool-call deltas
-    (gathered by index). A KeyboardInterrupt ends it and keeps what arrived; an NbchatError
-    propagates; any other error blanks the view first."""
-    outcome = StreamOutcome()
-    stream = None
-    try:
-        stream = open_stream(request)
-        for chunk in stream:
-            if chunk.usage is not None:
-                outcome.usage = chunk.usage.model_dump()
-            for choice in chunk.choices:
-                if choice.delta.content:
-                    outcome.text += choice.delta.content
-                    view.append(choice.delta.content)
-                for delta in choice.delta.tool_calls or ():
-                    add_tool_call_delta(outcome.tool_calls, delta)
-                    function = delta.function
-                    view.tool_call_delta(
-                        delta.index,
-                        name=function.name if function else None,
-                        arguments=(function.arguments or "") if function else "",
-                    )
-                if choice.finish_reason is not None:
-                    outcome.finish_reason = choice.finish_reason
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-    except NbchatError:
-        raise
-    except Exception:
-        view.discard()
-        raise
-    finally:
-        close = getattr(stream, "close", None)  # a stream a test or a tool wraps may be a plain iterable
-        if close is not None:
-            close()
-    return outcome
+def chat_reply(exchange: Exchange, text: str, value: Any) -> ChatReply:
+    """A cell's result from the turn's :class:`~nbchat.turns.Exchange`, given the reply's text and its
+    value (see :class:`ChatReply`); the exchange's metadata names the model, conversation and turn."""
+    metadata = exchange.metadata
+    return ChatReply(
+        text=text,
+        messages=[*exchange.messages, *exchange.reply],
+        usage=exchange.usage,
+        finish_reason=exchange.last.finish_reason,
+        interrupted=exchange.last.interrupted,
+        model=metadata["model"],
+        conversation=metadata["conversation"],
+        turn=metadata["turn"],
+        settings=dict(metadata["settings"]),
+        value=value,
+        tool_calls=exchange.tool_calls,
+    )
 
 
 def structured_value(

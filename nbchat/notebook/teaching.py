@@ -23,7 +23,7 @@ from IPython.core.error import UsageError
 
 from nbchat.notebook import views
 from nbchat.notebook.render import ReplyView
-from nbchat.notebook.reply import StreamOutcome, stream_reply
+from nbchat.turns import StreamOutcome, stream_reply
 
 # Alternatives each token of a --probs reply carries.
 PROBS_TOP_LOGPROBS = 5

@@ -97,6 +97,10 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     root_dir, state = base / "root", base / "state"
     root_dir.mkdir()
     state.mkdir()
+    # No "get notified about Jupyter news?" toast over what the tests look at (and no news fetch).
+    notification = state / "settings" / "@jupyterlab/apputils-extension/notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     token, port = secrets.token_hex(16), free_port()
     env = {
         **os.environ,
@@ -187,17 +191,42 @@ def page(browser, lab):
     context.close()
 
 
+# Finds the open notebook at `path` (in the main area; no path: the current notebook) and its
+# kernel; null parts while loading.
+_NOTEBOOK_JS = """
+    const isNotebook = (widget) => !!widget && !!widget.context && !!widget.content
+        && !!widget.content.widgets;
+    const notebookAt = (path) => path === null
+        ? (isNotebook(window.jupyterapp.shell.currentWidget) ? window.jupyterapp.shell.currentWidget : null)
+        : [...window.jupyterapp.shell.widgets('main')].find(
+            (widget) => isNotebook(widget) && widget.context.path === path);
+    const kernelOf = (panel) => panel && panel.sessionContext && panel.sessionContext.session
+        && panel.sessionContext.session.kernel;
+"""
+
+
 class LabPage:
     """JupyterLab steps over a Playwright page, through the app object the lab exposes
-    (``window.jupyterapp``) where the UI would be flaky to drive by keyboard."""
+    (``window.jupyterapp``) where the UI would be flaky to drive by keyboard. Cell steps act on the
+    notebook :meth:`new_notebook` opened (found by its path, whichever tab is active), or else on the
+    current notebook (one opened from the launcher)."""
 
     def __init__(self, page, lab: Lab):
         self.page = page
         self.lab = lab
+        self.path: str | None = None
+
+    def _evaluate(self, body: str, arg: dict | None = None):
+        """Run ``body`` (JavaScript statements ending in ``return``) with ``notebookAt``/``kernelOf``."""
+        return self.page.evaluate(f"(arg) => {{ {_NOTEBOOK_JS} {body} }}", {"path": self.path, **(arg or {})})
+
+    def _wait(self, body: str, arg: dict | None = None, *, timeout_ms: int = UI_TIMEOUT_MS) -> None:
+        script = f"(arg) => {{ {_NOTEBOOK_JS} {body} }}"
+        self.page.wait_for_function(script, arg={"path": self.path, **(arg or {})}, timeout=timeout_ms)
 
     def open(self, path: str = "") -> None:
-        """Load the lab (optionally opening ``path``) and wait until the app has started."""
-        self.page.goto(self.lab.lab_url(path))
+        """Load the lab with a fresh workspace (optionally opening ``path``); wait until it started."""
+        self.page.goto(self.lab.lab_url(path) + "&reset")
         self.page.wait_for_function("() => window.jupyterapp && window.jupyterapp.started !== undefined")
         self.page.evaluate("() => window.jupyterapp.started")
         self.page.wait_for_selector(".jp-LabShell")
@@ -205,33 +234,29 @@ class LabPage:
     def new_notebook(self, name: str) -> None:
         """Create ``name`` (a Python 3 notebook) in the root directory, open it, wait for its kernel."""
         (self.lab.root_dir / name).write_text(json.dumps(_empty_notebook()))
+        self.path = name
         self.open(f"tree/{name}")
-        self.page.wait_for_selector(".jp-Notebook .jp-Cell")
+        self._wait("return !!notebookAt(arg.path);")
         self.wait_kernel_idle()
 
     def wait_kernel_idle(self, timeout_ms: int = UI_TIMEOUT_MS) -> None:
-        self.page.wait_for_function(
-            """() => {
-                const widget = window.jupyterapp.shell.currentWidget;
-                const kernel = widget && widget.sessionContext && widget.sessionContext.session
-                    && widget.sessionContext.session.kernel;
-                return kernel && kernel.status === 'idle';
-            }""",
-            timeout=timeout_ms,
-        )
+        self._wait("const k = kernelOf(notebookAt(arg.path)); return !!k && k.status === 'idle';",
+                   timeout_ms=timeout_ms)
 
     def run_cell(self, source: str, *, wait: bool = True, timeout_ms: int = UI_TIMEOUT_MS) -> int:
-        """Put ``source`` in the last cell, run it (a new cell is added below); returns its index.
-        With ``wait``, returns once the cell has an execution count (it has finished)."""
-        index = self.page.evaluate(
-            """(source) => {
-                const notebook = window.jupyterapp.shell.currentWidget.content;
-                const index = notebook.widgets.length - 1;
-                notebook.activeCellIndex = index;
-                notebook.activeCell.model.sharedModel.setSource(source);
-                return index;
-            }""",
-            source,
+        """Put ``source`` in the notebook's last cell and run it (a new cell is added below); returns
+        its index. With ``wait``, returns once the cell has finished."""
+        index = self._evaluate(
+            """
+            const panel = notebookAt(arg.path);
+            window.jupyterapp.shell.activateById(panel.id);
+            const notebook = panel.content;
+            const index = notebook.widgets.length - 1;
+            notebook.activeCellIndex = index;
+            notebook.activeCell.model.sharedModel.setSource(arg.source);
+            return index;
+            """,
+            {"source": source},
         )
         self.page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-cell-and-insert-below')")
         if wait:
@@ -240,31 +265,29 @@ class LabPage:
 
     def wait_cell_done(self, index: int, *, timeout_ms: int = UI_TIMEOUT_MS) -> None:
         """Wait until cell ``index`` ran: it has an execution count and the kernel is idle."""
-        self.page.wait_for_function(
-            """(index) => {
-                const widget = window.jupyterapp.shell.currentWidget;
-                const cell = widget.content.widgets[index];
-                const kernel = widget.sessionContext.session.kernel;
-                return cell.model.executionCount !== null && kernel.status === 'idle';
-            }""",
-            arg=index,
-            timeout=timeout_ms,
+        self._wait(
+            """
+            const panel = notebookAt(arg.path), kernel = kernelOf(panel);
+            const cell = panel && panel.content.widgets[arg.index];
+            return !!cell && cell.model.executionCount !== null && !!kernel && kernel.status === 'idle';
+            """,
+            {"index": index},
+            timeout_ms=timeout_ms,
         )
 
     def cell_output_text(self, index: int) -> str:
         """The text of cell ``index``'s outputs, as the page shows it."""
-        return self.page.evaluate(
-            """(index) => {
-                const cell = window.jupyterapp.shell.currentWidget.content.widgets[index];
-                const area = cell.node.querySelector('.jp-OutputArea');
-                return area ? area.innerText : '';
-            }""",
-            index,
+        return self._evaluate(
+            """
+            const area = notebookAt(arg.path).content.widgets[arg.index].node.querySelector('.jp-OutputArea');
+            return area ? area.innerText : '';
+            """,
+            {"index": index},
         )
 
     def cell(self, index: int):
-        """A locator for cell ``index`` of the current notebook."""
-        return self.page.locator(".jp-Notebook .jp-Cell").nth(index)
+        """A locator for cell ``index`` of the visible notebook."""
+        return self.page.locator(".jp-NotebookPanel:visible .jp-Notebook .jp-Cell").nth(index)
 
     def lab_extensions(self) -> dict[str, object]:
         """The federated extensions the page loaded, by name (from the page's PageConfig)."""
