@@ -71,10 +71,9 @@ def step_times(config, params, sizes: list[int], capacity: int, repeats: int = 2
     """Milliseconds of one bare decode step per batch size (jitted program only, no host work)."""
     import jax
     import numpy as np
-
-    from nbchat.engine import cache as kv_cache
     from flax import nnx
 
+    from nbchat.engine import cache as kv_cache
     from nbchat.engine import sampling
     from nbchat.engine.generate import step_program
 

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nbchat.engine import cache as kv_cache
 from nbchat.engine import backend, jax_setup, model, sampling
+from nbchat.engine import cache as kv_cache
 from nbchat.engine.config import ModelConfig
 from nbchat.engine.sampling import SamplingParams
 from nbchat.errors import EngineBusyError
