@@ -90,9 +90,11 @@ def _wait_until_up(lab: Lab) -> None:
     raise RuntimeError(f"jupyter lab did not answer within {LAB_START_TIMEOUT_S} s:\n{lab.log()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API keeps an event loop running in the main thread while it lives,
+# so it must stop when this folder's tests end (tests after them call asyncio.run).
+@pytest.fixture(scope="package")
 def lab(tmp_path_factory) -> Iterator[Lab]:
-    """A JupyterLab server for the session, on a free loopback port, killed at teardown."""
+    """A JupyterLab server for this folder's tests, on a free loopback port, killed at teardown."""
     base = tmp_path_factory.mktemp("jupyterlab")
     root_dir, state = base / "root", base / "state"
     root_dir.mkdir()
@@ -157,7 +159,7 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     """Debian's Chromium under Playwright (never a downloaded browser)."""
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
