@@ -1,6 +1,6 @@
 """Browser test fixtures: a real JupyterLab on a loopback port and Debian's Chromium driven by Playwright.
 
-``lab`` starts ``jupyter lab`` once per session (a free 127.0.0.1 port, a random token, no browser,
+``lab`` starts ``jupyter lab`` once for this folder (a free 127.0.0.1 port, a random token, no browser,
 a temporary root directory and Jupyter config/runtime/workspace directories, the app exposed as
 ``window.jupyterapp``) and kills it at teardown. ``browser`` is Chromium from ``shutil.which``
 (never a downloaded browser); ``page`` is a fresh page per test logged into the lab, and
