@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 ifdef LABEXT_SKIPPED
 	@echo "make install: the JupyterLab extension was skipped ($(LABEXT_SKIPPED)); replies show as Markdown"
 else
-	$(BIN)/jupyter labextension develop --overwrite . >/dev/null
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter labextension develop --overwrite . >/dev/null
 endif
 	touch $@
 
