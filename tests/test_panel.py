@@ -20,7 +20,7 @@ from IPython.core.error import UsageError
 from nbchat.conversation import Conversation
 from nbchat.notebook.engines import loaded_engine
 from nbchat.notebook.markup import markdown_html
-from nbchat.notebook.panel import ChatPanel
+from nbchat.notebook.panel import ChatPanel, docked_panel
 from nbchat.notebook.panel_view import PENDING_ID, PanelReplyView
 from tests.test_magics import Chat, configure
 from tests.test_render import RecordingPublisher
@@ -317,6 +317,24 @@ def test_input_interpolates_and_attachments_are_what_the_model_saw(chat):
     assert panel.attachments == []
     front_end(panel, "attach", cell="999")
     assert panel.error.startswith("attach: no cell [999] has run")
+
+
+def test_attach_text_from_the_lab_extension_is_a_chip_of_the_next_message(chat):
+    panel = docked_panel(shell=chat.shell)
+    assert docked_panel(shell=chat.shell) is panel  # "Send cell to chat" reaches the panel on screen
+    front_end(panel, "attach_text", label="Cell 2", text="1 / 0", language="python")
+    traceback = "\x1b[0;31mZeroDivisionError\x1b[0m: division by zero"
+    front_end(panel, "attach_text", label="Cell 2 error", text=traceback)
+    assert [chip["label"] for chip in panel.attachments] == ["Cell 2", "Cell 2 error"]
+    panel.send("Explain this error.")
+    content = chat.conversation().turns[-1].prompt[0]["content"]
+    assert content == (
+        "Explain this error.\n\n```python\n1 / 0\n```\n\n```\nZeroDivisionError: division by zero\n```"
+    )
+    front_end(panel, "attach_text", label=" ", text="x")
+    assert panel.error == "attach_text: give the chip a label (e.g. 'Cell 3')"
+    panel.close()
+    assert docked_panel(shell=chat.shell) is not panel  # a closed panel is replaced
 
 
 # --- sharing the conversation ---------------------------------------------------------------------

@@ -1,22 +1,28 @@
 /**
  * nbchat's JupyterLab plugins, one per feature: the reply renderer, the highlighting of `%%chat`
- * cells, and the "New chat cell" command (palette, notebook toolbar, shortcut). Their settings are
+ * cells, the "New chat cell" command (palette, notebook toolbar, shortcut), and the chat panel docked
+ * in the right sidebar with "Send cell to chat" / "Explain this error". Their settings are
  * the `nbchat:plugin` schema (schema/plugin.json).
  */
 
-import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette, ToolbarButton } from '@jupyterlab/apputils';
 import { EditorExtensionRegistry, IEditorExtensionRegistry } from '@jupyterlab/codemirror';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 
+import { attachCode, cellForChat, IOutputJSON } from './cellText';
 import { chatCellHighlighting } from './chatCell';
 import { notebookCodeActions } from './notebookActions';
 import { replyRendererFactory } from './renderer';
+import { chatIcon, ChatSidebar } from './sidebar';
 
 export const SETTINGS_ID = 'nbchat:plugin';
 export const NEW_CHAT_CELL = 'nbchat:new-chat-cell';
+export const OPEN_CHAT_PANEL = 'nbchat:open-chat-panel';
+export const SEND_CELL = 'nbchat:send-cell-to-chat';
+export const EXPLAIN_ERROR = 'nbchat:explain-error';
 
 /** The settings, read once at start and kept current as the user changes them. */
 class Settings {
@@ -131,4 +137,82 @@ const highlightingPlugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default [rendererPlugin, highlightingPlugin, commandsPlugin];
+const sidebarPlugin: JupyterFrontEndPlugin<void> = {
+  id: 'nbchat:chat-sidebar',
+  description: 'The chat panel of the notebook\'s kernel in the right sidebar; cells and errors sent to it.',
+  autoStart: true,
+  requires: [INotebookTracker, ILabShell],
+  optional: [ICommandPalette],
+  activate: (app: JupyterFrontEnd, tracker: INotebookTracker, shell: ILabShell, palette: ICommandPalette | null) => {
+    const sidebar = new ChatSidebar();
+    const open = async (): Promise<ChatSidebar> => {
+      const notebook = tracker.currentWidget;
+      if (!notebook) {
+        throw new Error('nbchat: open a notebook first');
+      }
+      if (!sidebar.isAttached) {
+        shell.add(sidebar, 'right', { rank: 50 });
+      }
+      shell.activateById(sidebar.id);
+      await sidebar.showPanelOf(notebook);
+      return sidebar;
+    };
+    const activeCell = () => {
+      const notebook = tracker.currentWidget;
+      const cell = notebook?.content.activeCell;
+      if (!notebook || !cell) {
+        return null;
+      }
+      const json = cell.model.toJSON() as { outputs?: IOutputJSON[]; execution_count?: number | null };
+      const index = notebook.content.widgets.indexOf(cell);
+      return cellForChat(cell.model.sharedModel.getSource(), json.outputs ?? [], json.execution_count ?? null, index);
+    };
+    const sendCell = async (explainError: boolean): Promise<void> => {
+      const cell = activeCell();
+      if (!cell) {
+        return;
+      }
+      await (await open()).runInKernel(attachCode(cell, explainError));
+    };
+
+    app.commands.addCommand(OPEN_CHAT_PANEL, {
+      label: 'Open chat panel',
+      caption: "Show the chat panel of this notebook's kernel in the right sidebar",
+      icon: chatIcon,
+      isEnabled: () => tracker.currentWidget !== null,
+      execute: async () => {
+        await open();
+      }
+    });
+    app.commands.addCommand(SEND_CELL, {
+      label: 'Send cell to chat',
+      caption: "Attach the cell's source and output to the chat panel's next message",
+      icon: chatIcon,
+      isEnabled: () => activeCell() !== null,
+      execute: () => sendCell(false)
+    });
+    app.commands.addCommand(EXPLAIN_ERROR, {
+      label: 'Explain this error',
+      caption: 'Send the cell and its traceback to the chat panel',
+      isEnabled: () => activeCell()?.traceback != null,
+      isVisible: () => activeCell()?.traceback != null,
+      execute: () => sendCell(true)
+    });
+    for (const command of [OPEN_CHAT_PANEL, SEND_CELL, EXPLAIN_ERROR]) {
+      palette?.addItem({ command, category: 'nbchat' });
+    }
+    app.contextMenu.addItem({ command: SEND_CELL, selector: '.jp-Notebook .jp-Cell', rank: 20 });
+    app.contextMenu.addItem({ command: EXPLAIN_ERROR, selector: '.jp-Notebook .jp-CodeCell', rank: 21 });
+    tracker.widgetAdded.connect((_, panel) => {
+      const button = new ToolbarButton({
+        className: 'jp-nbchat-openChatPanel',
+        icon: chatIcon,
+        tooltip: 'Open chat panel',
+        onClick: () => void app.commands.execute(OPEN_CHAT_PANEL)
+      });
+      panel.toolbar.addItem('nbchat-open-chat-panel', button);
+    });
+  }
+};
+
+export default [rendererPlugin, highlightingPlugin, commandsPlugin, sidebarPlugin];

@@ -2,8 +2,9 @@
 bound to a conversation of the kernel's ``%%chat`` magics, so cells and panels share one history.
 
 The front end sends actions (``send``, ``stop``, ``retry``, ``undo``, ``new_chat``, ``settings``,
-``attach``, ``detach``) as custom messages to :meth:`ChatPanel.handle_message`; the Python API
-(:meth:`ChatPanel.send` ...) goes through the same methods. A reply is generated off the main thread
+``attach``, ``attach_text``, ``detach``) as custom messages to :meth:`ChatPanel.handle_message`; the
+Python API (:meth:`ChatPanel.send` ...) goes through the same methods. ``docked_panel`` is the one
+the JupyterLab extension docks in the sidebar and sends cells to. A reply is generated off the main thread
 (``nbchat.turns.run_turn``) so the kernel stays free for Stop; it streams to every panel of the
 conversation as custom-message deltas at most ~15 times a second (the text added and the current
 message's HTML, never the whole transcript). Structural changes (a turn stored, undone, a cell's
@@ -17,6 +18,7 @@ in the panel (``error``) and leave the conversation unchanged. Nothing here impo
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 import weakref
@@ -45,6 +47,8 @@ PANEL_SETTINGS = ("model", "system", "temperature", "top_p", "top_k", "max_token
 ATTACH_PARTS = ("source", "output", "both")
 HOW_TO_ALLOW = "allow it with `%chat tools allow {name}`"
 _EXPECTED_ERRORS = (UsageError, NbchatError, ConversationError)
+# Terminal colour/style codes, as IPython puts in tracebacks.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # Every live panel, so a turn (and a cell) updates all panels of its conversation.
 _PANELS: weakref.WeakSet[ChatPanel] = weakref.WeakSet()
@@ -132,6 +136,9 @@ class ChatPanel(anywidget.AnyWidget):
             "new_chat": self.new_chat,
             "settings": lambda: self._apply_settings(dict(content.get("values") or {})),
             "attach": lambda: self.attach(content.get("cell"), str(content.get("part", "source"))),
+            "attach_text": lambda: self.attach_text(
+                str(content.get("label", "")), str(content.get("text", "")), str(content.get("language", ""))
+            ),
             "detach": lambda: self.detach(str(content.get("id", ""))),
         }
         if action not in handlers:
@@ -223,6 +230,16 @@ class ChatPanel(anywidget.AnyWidget):
             *self.attachments,
             *({"id": uuid.uuid4().hex[:8], "label": label, "text": text} for label, text in chips),
         ]
+
+    def attach_text(self, label: str, text: str, language: str = "") -> None:
+        """Attach ``text`` (e.g. a cell's source or output sent by the JupyterLab extension) to the
+        next message as one fenced block, shown as a chip labelled ``label``; terminal colour codes
+        (a traceback's) are dropped."""
+        if not label.strip():
+            raise UsageError("attach_text: give the chip a label (e.g. 'Cell 3')")
+        plain = _ANSI_ESCAPE.sub("", text)
+        chip = {"id": uuid.uuid4().hex[:8], "label": label.strip(), "text": fence(plain, language)}
+        self.attachments = [*self.attachments, chip]
 
     def detach(self, chip_id: str) -> None:
         """Remove an attached chip."""
@@ -380,6 +397,18 @@ class ChatPanel(anywidget.AnyWidget):
         self._magics.apply_settings(self._conversation, updates)
         self.error = ""
         self._changed()
+
+
+def docked_panel(conversation: str = "default", *, shell: Any = None) -> ChatPanel:
+    """The kernel's panel docked in JupyterLab's sidebar (the extension's "Open chat panel"):
+    created on first use, then the same one, so "Send cell to chat" reaches the panel on screen."""
+    global _DOCKED
+    if _DOCKED is None or _DOCKED.conversation_name != conversation or _DOCKED.comm is None:
+        _DOCKED = ChatPanel(conversation, shell=shell)
+    return _DOCKED
+
+
+_DOCKED: ChatPanel | None = None
 
 
 def _setting_value(key: str, value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The replies come from the ``%%chat`` magic in a real kernel running the tiny random-weight model:
 a ``--schema`` reply (its grammar forces ``{"answer":42}``, so its code block is known) and a short
-Markdown reply. The extension must be installed in the environment the lab runs in (``make install``
+Markdown reply; the chat panel docked in the right sidebar chats with the same model and takes
+cells and errors sent to it. The extension must be installed in the environment the lab runs in (``make install``
 links it; ``jupyter labextension list`` is checked first).
 """
 
@@ -280,3 +281,59 @@ def test_new_chat_cell_from_the_toolbar_button_and_the_shortcut(lab_page, output
         page.screenshot(path=str(output_dir / "new-chat-cells.png"))
     finally:
         close_notebook(lab_page, "new-chat.ipynb")
+
+
+SIDEBAR = "#nbchat-chat-sidebar"
+
+
+def test_chat_panel_docked_in_the_sidebar_takes_cells_and_errors(lab_page, output_dir, tiny_model_dir):
+    page = lab_page.page
+    sources = [setup_source(tiny_model_dir) + "\n%config ChatMagics.max_tokens = 6", "print(6 * 7)", "1 / 0"]
+    with ran_notebook(lab_page, "sidebar.ipynb", sources):
+        label = page.evaluate("() => window.jupyterapp.commands.label('nbchat:open-chat-panel')")
+        assert label == "Open chat panel"
+        page.evaluate("() => window.jupyterapp.commands.execute('nbchat:open-chat-panel')")
+        sidebar = page.locator(SIDEBAR)
+        message = sidebar.get_by_label("Message", exact=True)
+        message.wait_for(state="visible")
+        assert page.evaluate(
+            f"() => window.jupyterapp.shell.widgets('right').some(w => w.id === '{SIDEBAR[1:]}')"
+        )
+        assert current_cell(lab_page, 0).locator(".nbchat-panel").count() == 0  # not in a cell output
+        message.press_sequentially("Hello")
+        message.press("Enter")
+        reply = sidebar.locator("[data-role=assistant]")
+        page.wait_for_function(
+            f"() => document.querySelector('{SIDEBAR} .nbchat-panel').dataset.busy === 'false'"
+            f" && document.querySelectorAll('{SIDEBAR} [data-role=assistant]').length === 1",
+            timeout=CHAT_TIMEOUT_MS,
+        )
+        assert reply.locator(".nbchat-body").inner_text().strip()
+        assert sidebar.locator("[data-role=user] .nbchat-body").inner_text().strip() == "Hello"
+
+        # Send cell to chat: the print cell's source and output become chips of the next message.
+        page.evaluate("() => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = 1; }")
+        page.evaluate("() => window.jupyterapp.commands.execute('nbchat:send-cell-to-chat')")
+        chips = sidebar.locator(".nbchat-chip")
+        page.wait_for_function(f"() => document.querySelectorAll('{SIDEBAR} .nbchat-chip').length === 2")
+        labels = [label.strip() for label in chips.locator("span").all_inner_texts()]
+        assert labels == ["In [2]", "In [2] output"]
+        assert chips.nth(1).get_attribute("title") == "```text\n42\n```"
+        page.screenshot(path=str(output_dir / "sidebar-with-chips.png"))
+        for _ in range(2):
+            chips.first.get_by_role("button").click()
+        page.wait_for_function(f"() => !document.querySelector('{SIDEBAR} .nbchat-chip')")
+
+        # Explain this error: the error cell's code and traceback are sent at once.
+        page.evaluate("() => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = 2; }")
+        assert page.evaluate("() => window.jupyterapp.commands.isVisible('nbchat:explain-error')")
+        page.evaluate("() => window.jupyterapp.commands.execute('nbchat:explain-error')")
+        page.wait_for_function(
+            f"() => document.querySelectorAll('{SIDEBAR} [data-role=assistant]').length === 2"
+            f" && document.querySelector('{SIDEBAR} .nbchat-panel').dataset.busy === 'false'",
+            timeout=CHAT_TIMEOUT_MS,
+        )
+        asked = sidebar.locator("[data-role=user] .nbchat-body").nth(1).inner_text()
+        assert asked.startswith("Explain this error.") and "1 / 0" in asked and "ZeroDivisionError" in asked
+        assert "\x1b" not in asked and "[0;31m" not in asked
+        page.screenshot(path=str(output_dir / "sidebar-explain-error.png"))
