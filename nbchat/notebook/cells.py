@@ -49,6 +49,21 @@ _COLON_HEADER = re.compile(rf"^({_ROLE_ALTERNATION}):[ \t]?(.*)$")
 _HEADING_HEADER = re.compile(rf"^#{{1,6}}[ \t]+({_ROLE_ALTERNATION})[ \t]*:?[ \t]*$", re.IGNORECASE)
 _FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})")
 
+
+def fence_state(line: str, fence: str | None) -> tuple[bool, str | None]:
+    """Whether ``line`` is a fence line, and the fence open after it (None: outside any fence), given
+    the fence open before it. A fence closes only with a marker of its own character, as long or
+    longer (CommonMark's rule)."""
+    match = _FENCE.match(line)
+    if not match:
+        return False, fence
+    marker = match.group(1)
+    if fence is None:
+        return True, marker
+    if marker[0] == fence[0] and len(marker) >= len(fence):
+        return True, None
+    return True, fence
+
 # One pass, left to right: ``{{``, ``}}``, ``{In[n]}`` / ``{Out[n]}``, ``{identifier}``.
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(In|Out)\[(-?\d+)\]\}|\{([A-Za-z_][A-Za-z_0-9]*)\}")
 
@@ -102,13 +117,8 @@ def parse_cell(text: str) -> CellMessages:
     blocks: list[tuple[str, int, list[str]]] = [("user", 0, [])]
     fence: str | None = None
     for number, line in enumerate(text.splitlines(), start=1):
-        fence_match = _FENCE.match(line)
-        if fence_match:
-            marker = fence_match.group(1)
-            if fence is None:
-                fence = marker
-            elif marker[0] == fence[0] and len(marker) >= len(fence):
-                fence = None
+        is_fence, fence = fence_state(line, fence)
+        if is_fence:
             blocks[-1][2].append(line)
             continue
         if fence is None:

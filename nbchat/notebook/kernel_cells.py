@@ -18,9 +18,9 @@ knows the shell or imports JAX; a malformed directive is a one-line ``UsageError
 
 from __future__ import annotations
 
-import re
-
 from IPython.core.error import UsageError
+
+from nbchat.notebook.cells import fence_state
 
 PYTHON_CELL = "%%python"
 CHAT_CELL = "%%chat"
@@ -30,8 +30,6 @@ CHAT_LINE = "%chat"
 LINE_DIRECTIVES = (CHAT_LINE, PYTHON_LINE)
 CELL_DIRECTIVES = (CHAT_CELL, PYTHON_CELL)
 EXIT_WORDS = ("exit", "quit")
-
-_FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})")
 
 
 def _starts_with_word(line: str, word: str) -> bool:
@@ -93,14 +91,8 @@ def _statements(cell: str) -> list[str]:
         text.clear()
 
     for line in cell.splitlines():
-        fence_match = _FENCE.match(line)
-        if fence_match:
-            marker = fence_match.group(1)
-            if fence is None:
-                fence = marker
-            elif marker[0] == fence[0] and len(marker) >= len(fence):
-                fence = None
-        if fence is None and not fence_match:
+        is_fence, fence = fence_state(line, fence)
+        if fence is None and not is_fence:
             stripped = line.rstrip()
             if _starts_with_word(stripped, CHAT_LINE):
                 flush_turn()
