@@ -655,3 +655,15 @@ def test_terminal_ipython_prints_the_reply_once_as_plain_text(tiny_model_dir):
     assert body.endswith(reply + "\n")
     if reply.strip():
         assert body.count(reply) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("%chat model --api-key", "--api-key needs the key"),
+        ("%chat prompt --template", "--template needs a template name (chatml, llama-3, ...)"),
+        ("%chat history -c", "-c needs a conversation name"),
+    ],
+)
+def test_a_command_option_without_its_value_is_one_line_naming_it(chat, command, message):
+    assert chat.error(command) == message

@@ -48,6 +48,7 @@ from nbchat.notebook.options import (
     commands_of,
     help_epilog,
     pop_conversation_option,
+    pop_option,
     pydantic_model_class,
     set_help_epilog,
     split_names,
@@ -428,14 +429,7 @@ class ChatMagics(Magics, ChatSettings):
     def _cmd_model(self, rest: str) -> None:
         """[NAME|URL] -- show the default model, or make NAME the default and load it (freeing the old);
         a URL (http://HOST:PORT/v1, or NAME@URL; --api-key KEY) chats with that endpoint"""
-        words = split_words(rest)
-        api_key = None
-        if "--api-key" in words:
-            at = words.index("--api-key")
-            if at + 1 >= len(words):
-                raise UsageError("--api-key needs the key")
-            api_key = words[at + 1]
-            del words[at : at + 2]
+        api_key, words = pop_option(split_words(rest), ("--api-key",), "the key")
         if len(words) > 1:
             raise UsageError("%chat model takes one model name or URL (quote a path with spaces)")
         if not words:
@@ -568,13 +562,7 @@ class ChatMagics(Magics, ChatSettings):
         --tokens: as token chips by message; --ids: the token ids; --template: as the built-in
         template NAME would write it."""
         conversation, words = self._target(rest)
-        template = None
-        if "--template" in words:
-            at = words.index("--template")
-            if at + 1 >= len(words):
-                raise UsageError("%chat prompt --template needs a template name (chatml, llama-3, ...)")
-            template = words[at + 1]
-            del words[at : at + 2]
+        template, words = pop_option(words, ("--template",), "a template name (chatml, llama-3, ...)")
         form = words[0] if words else None
         if form not in (None, "--tokens", "--ids") or len(words) > 1:
             raise UsageError(

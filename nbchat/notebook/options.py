@@ -205,25 +205,34 @@ def split_words(text: str) -> list[str]:
         raise UsageError(f"cannot parse {text!r}: {error}") from None
 
 
-def pop_conversation_option(tokens: list[str]) -> tuple[str | None, list[str]]:
-    """Take ``-c NAME`` / ``--conversation NAME`` / ``--conversation=NAME`` out of a command's tokens."""
+def pop_option(
+    tokens: list[str], flags: tuple[str, ...], what: str
+) -> tuple[str | None, list[str]]:
+    """Take ``FLAG VALUE`` / ``--long=VALUE`` (any of ``flags``; the last one given wins) out of a
+    command's tokens; a flag without its value is a UsageError saying the flag needs ``what``."""
     rest: list[str] = []
-    name: str | None = None
+    value: str | None = None
+    long_forms = tuple(f"{flag}=" for flag in flags if flag.startswith("--"))
     index = 0
     while index < len(tokens):
         token = tokens[index]
-        if token in ("-c", "--conversation"):
+        if token in flags:
             if index + 1 >= len(tokens):
-                raise UsageError(f"{token} needs a conversation name")
-            name = tokens[index + 1]
+                raise UsageError(f"{token} needs {what}")
+            value = tokens[index + 1]
             index += 2
             continue
-        if token.startswith("--conversation="):
-            name = token.partition("=")[2]
+        if token.startswith(long_forms):
+            value = token.partition("=")[2]
         else:
             rest.append(token)
         index += 1
-    return name, rest
+    return value, rest
+
+
+def pop_conversation_option(tokens: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``-c NAME`` / ``--conversation NAME`` / ``--conversation=NAME`` out of a command's tokens."""
+    return pop_option(tokens, ("-c", "--conversation"), "a conversation name")
 
 
 def split_names(values: Iterable[str]) -> list[str]:
