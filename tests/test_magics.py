@@ -36,17 +36,25 @@ def configure(shell, model_dir) -> None:
     shell.run_line_magic("config", "ChatMagics.temperature = 0.0")
 
 
-@pytest.fixture(scope="module")
-def shell(tiny_model_dir):
-    """One shell for the module: the extension loaded, the tiny model configured, displays recorded."""
+def recording_shell(model_dir, *config_lines: str):
+    """The IPython shell with the extension loaded, the tiny model configured (plus ``config_lines``
+    for ``%config``) and displays recorded; restores the shell when the generator is closed."""
     shell = InteractiveShell.instance()
     saved_publisher = shell.display_pub
     shell.display_pub = RecordingPublisher(shell=shell)
     shell.run_line_magic("load_ext", "nbchat")
-    configure(shell, tiny_model_dir)
+    configure(shell, model_dir)
+    for line in config_lines:
+        shell.run_line_magic("config", line)
     yield shell
     shell.run_line_magic("unload_ext", "nbchat")
     shell.display_pub = saved_publisher
+
+
+@pytest.fixture(scope="module")
+def shell(tiny_model_dir):
+    """One shell for the module: the extension loaded, the tiny model configured, displays recorded."""
+    yield from recording_shell(tiny_model_dir)
 
 
 @pytest.fixture

@@ -22,23 +22,12 @@ from nbchat.notebook.engines import loaded_engine
 from nbchat.notebook.markup import markdown_html
 from nbchat.notebook.panel import ChatPanel, docked_panel
 from nbchat.notebook.panel_view import PENDING_ID, PanelReplyView
-from tests.test_magics import Chat, configure
-from tests.test_render import RecordingPublisher
+from tests.test_magics import Chat, recording_shell
 
 
 @pytest.fixture(scope="module")
 def shell(tiny_model_dir):
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    saved_publisher = shell.display_pub
-    shell.display_pub = RecordingPublisher(shell=shell)
-    shell.run_line_magic("load_ext", "nbchat")
-    configure(shell, tiny_model_dir)
-    shell.run_line_magic("config", "ChatMagics.max_tokens = 12")
-    yield shell
-    shell.run_line_magic("unload_ext", "nbchat")
-    shell.display_pub = saved_publisher
+    yield from recording_shell(tiny_model_dir, "ChatMagics.max_tokens = 12")
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 The replies come from the ``%%chat`` magic in a real kernel running the tiny random-weight model:
 a ``--schema`` reply (its grammar forces ``{"answer":42}``, so its code block is known) and a short
 Markdown reply; the chat panel docked in the right sidebar chats with the same model and takes
-cells and errors sent to it. The extension must be installed in the environment the lab runs in (``make install``
-links it; ``jupyter labextension list`` is checked first).
+cells and errors sent to it. The extension must be installed in the environment the lab runs in
+(``make install`` links it; ``jupyter labextension list`` is checked first).
 """
 
 from __future__ import annotations
