@@ -336,7 +336,11 @@ def test_an_unknown_model_fails_before_binding_and_a_keyless_public_bind_warns()
 
 def test_sigterm_ends_running_streams_with_an_error_event_and_exits_cleanly(tiny_model_dir):
     with running_server(str(tiny_model_dir)) as server:
-        body = {"model": tiny_model_dir.name, "messages": HI, "max_tokens": 2000, "stream": True}
+        # The tiny model's special tokens (ids 0-2) are banned: the reply cannot end before SIGTERM.
+        body = {
+            "model": tiny_model_dir.name, "messages": HI, "max_tokens": 2000, "stream": True,
+            "logit_bias": {"0": -100, "1": -100, "2": -100},
+        }
         with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             events = [next(line for line in lines if line) for _ in range(3)]
