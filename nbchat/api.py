@@ -79,18 +79,29 @@ class ModelInfo:
 class Engine:
     """A local chat model behind OpenAI's chat completion interface.
 
-    ``Engine(model="smollm2-135m-instruct", dtype="float32", **defaults)``: ``model`` is a registry
-    name, a ``.gguf`` path, a Hugging Face layout directory or repo id; ``defaults`` are default
-    request parameters (``temperature=0.7``, ``max_tokens=256``, ``chat_template="chatml"``, ...),
-    validated now. The model loads on first use, or with ``engine.load()``.
+    ``Engine(model="smollm2-135m-instruct", dtype="float32", mesh=None, **defaults)``: ``model`` is a
+    registry name, a ``.gguf`` path, a Hugging Face layout directory or repo id; ``mesh`` the devices
+    to shard the model over (a ``jax.sharding.Mesh`` or a spec such as ``"model=2"``; None:
+    ``$NBCHAT_MESH``, else every device when there are several, see ``nbchat.engine.sharding``);
+    ``defaults`` are default request parameters (``temperature=0.7``, ``max_tokens=256``,
+    ``chat_template="chatml"``, ...), validated now. The model loads on first use, or with
+    ``engine.load()``.
 
     ``engine.chat.completions.create(messages=[...], stream=False, **params)`` returns a
     ``ChatCompletion``, or with ``stream=True`` a ``ChatCompletionStream`` of chunks.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32", **defaults: Any):
+    def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32", mesh: Any = None,
+                 **defaults: Any):
         self.model = model
         self.dtype = dtype
+        # A mesh given here is checked now (that imports JAX); $NBCHAT_MESH and the automatic choice
+        # are read at load, so an Engine built without one stays JAX-free until then.
+        self._mesh_request = mesh
+        if mesh is not None:
+            from nbchat.engine.sharding import choose_mesh
+
+            choose_mesh(mesh)
         for name in _PER_CALL_FIELDS:
             if name in defaults:
                 raise InvalidRequestError(
@@ -111,6 +122,10 @@ class Engine:
 
     def __repr__(self) -> str:
         state = "loaded" if self._loaded is not None else "not loaded"
+        if self._generator is not None and self._generator.mesh is not None:
+            from nbchat.engine.sharding import describe
+
+            state += f", mesh {describe(self._generator.mesh)}"
         return f"Engine(model={self.model!r}, dtype={self.dtype!r}; {state})"
 
     # ---- loading
@@ -126,10 +141,12 @@ class Engine:
                 if self._loaded is None:
                     from nbchat.engine.detokenize import TokenBytes
                     from nbchat.engine.generate import Generator
+                    from nbchat.engine.sharding import choose_mesh
                     from nbchat.models import load
 
+                    mesh = choose_mesh(self._mesh_request)  # before the weights: a bad value fails fast
                     loaded = load(self.model, dtype=self.dtype)
-                    self._generator = Generator(loaded.config, loaded.decoder)
+                    self._generator = Generator(loaded.config, loaded.decoder, mesh)
                     self._token_bytes = TokenBytes(loaded.tokenizer.backend_tokenizer)
                     self._loaded = loaded
         return self._loaded
@@ -139,19 +156,27 @@ class Engine:
         return self._ensure_loaded().tokenizer
 
     @property
+    def mesh(self) -> Any:
+        """The ``jax.sharding.Mesh`` the model is sharded over, or None on one device (loads it)."""
+        self._ensure_loaded()
+        return self._generator.mesh
+
+    @property
     def model_info(self) -> ModelInfo:
         loaded = self._ensure_loaded()
         import jax
+
+        from nbchat.engine.sharding import describe
 
         device = jax.devices()[0]
         kind = device.platform if device.device_kind.lower() == device.platform else (
             f"{device.platform} ({device.device_kind})"
         )
-        count = len(jax.devices())
+        mesh = self._generator.mesh
         return ModelInfo(
             name=loaded.name,
             dtype=loaded.dtype,
-            device=f"{count} x {kind}" if count > 1 else kind,
+            device=f"{mesh.size} x {kind}, mesh {describe(mesh)}" if mesh is not None else kind,
             context_length=self._generator.context_length,
             architecture=loaded.config.architecture,
             num_layers=loaded.config.num_layers,

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nbchat.engine import backend, jax_setup, model, sampling
+from nbchat.engine import backend, jax_setup, model, sampling, sharding
 from nbchat.engine import cache as kv_cache
 from nbchat.engine.config import ModelConfig
 from nbchat.engine.sampling import SamplingParams
@@ -110,7 +110,7 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
+def step_program(config: ModelConfig, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """The jitted step over every row of the batch: decode, and prefill while the batch has one row.
 
     ``graphdef`` is the decoder's structure (``nnx.split``, closed over as static); ``params`` its
@@ -121,6 +121,7 @@ def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
     not advancing (free slots, paused or still prefilling sequences) keep their sampler state and
     their previous sample; their cache write lands past their valid slots, so it changes nothing.
     Compiled once per (S, T, cache capacity); the cache is donated so XLA updates it in place.
+    With a ``mesh`` (params and cache placed on it), the logits are gathered before sampling.
     """
 
     def run(params, cache, token_ids, cache_len, logits_at, advancing, state, settings, allowed_bits,
@@ -128,6 +129,7 @@ def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
         T = token_ids.shape[1]
         positions = cache_len[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         logits, cache = model.forward(graphdef, params, token_ids, positions, cache, cache_len, logits_at)
+        logits = sharding.gathered(logits, mesh)
         result, new_state = sampling.sample(logits, state, settings, allowed_bits)
 
         def keep_unless_advancing(new: jax.Array, old: jax.Array) -> jax.Array:
@@ -141,7 +143,9 @@ def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def row_prefill_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
+def row_prefill_program(
+    config: ModelConfig, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
     """The jitted prefill of one row of a batch of several.
 
     ``(params, cache, row [] int32, token_ids [1, T], cache_len [1], logits_at [1], state, settings,
@@ -157,6 +161,7 @@ def row_prefill_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable
         logits, row_cache = model.forward(
             graphdef, params, token_ids, positions, row_cache, cache_len, logits_at
         )
+        logits = sharding.gathered(logits, mesh)
         cache = jax.tree.map(
             lambda buffer, part: jax.lax.dynamic_update_slice_in_dim(buffer, part, row, axis=0),
             cache,
@@ -242,12 +247,18 @@ class Generator:
     Safe to use from several threads: each ``generate()`` iterator is a sequence of its own.
     """
 
-    def __init__(self, config: ModelConfig, decoder: model.Decoder):
+    def __init__(self, config: ModelConfig, decoder: model.Decoder, mesh: jax.sharding.Mesh | None = None):
+        """``mesh``: the devices to shard parameters and cache over (``sharding.py``); None runs on
+        the default device."""
         jax_setup.enable_persistent_compilation_cache()
         self._config = config
+        self._mesh = mesh
         graphdef, self._params = nnx.split(decoder)  # once: the hot path is a plain jit over the state
-        self._program = step_program(config, graphdef)
-        self._row_program = row_prefill_program(config, graphdef)
+        if mesh is not None:
+            self._params = sharding.place_parameters(self._params, config, mesh)
+            nnx.update(decoder, self._params)  # the decoder holds the placed arrays: weights held once
+        self._program = step_program(config, graphdef, mesh)
+        self._row_program = row_prefill_program(config, graphdef, mesh)
         self._mask_words = -(-config.vocab_size // 32)
         self._all_allowed: dict[int, jax.Array] = {}  # per batch size
         self._no_bias = np.zeros((1, config.vocab_size), np.float32)
@@ -274,6 +285,10 @@ class Generator:
     @property
     def config(self) -> ModelConfig:
         return self._config
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh | None:
+        return self._mesh
 
     @property
     def context_length(self) -> int:
@@ -519,7 +534,7 @@ class Generator:
         slot.chunks, slot.capacities = chunks, capacities
         if self._cache is None or (len(self._slots) == 1 and reused == 0):
             self._cache = None  # free the old buffers before allocating new ones
-            self._cache = kv_cache.empty_cache(self._config, len(self._slots), capacities[0])
+            self._cache = self._placed(kv_cache.empty_cache(self._config, len(self._slots), capacities[0]))
             for other in self._slots:
                 other.ids = other.ids if other is slot else []
 
@@ -674,7 +689,7 @@ class Generator:
         """The cache at ``capacity`` slots per row (a copy); rows keep their first slots."""
         if self._cache.capacity == capacity:
             return
-        self._cache = kv_cache.resized(self._cache, capacity)
+        self._cache = self._placed(kv_cache.resized(self._cache, capacity))
         for slot in self._slots:
             slot.ids = slot.ids[:capacity]
 
@@ -688,6 +703,7 @@ class Generator:
             self._cache, self._state, self._settings, self._result = _take_rows(
                 (self._cache, self._state, self._settings, self._result), rows
             )
+            self._cache = self._placed(self._cache)
         for index, slot in enumerate(kept):
             slot.row = index
         self._slots = kept[:size] + [_Slot(row=index) for index in range(len(kept), size)]
@@ -710,6 +726,12 @@ class Generator:
         self._underused_steps = 0
 
     # -- arrays --------------------------------------------------------------------------------------
+
+    def _placed(self, cache: kv_cache.KVCache) -> kv_cache.KVCache:
+        """``cache`` split over the mesh as ``sharding.cache_specs`` says (no mesh: as it is). A new
+        or reshaped cache is placed explicitly; the steps keep the placement of the cache they
+        were given (propagated from it and the parameters)."""
+        return cache if self._mesh is None else sharding.place_cache(cache, self._config, self._mesh)
 
     def _row_settings(self, sampling_params: SamplingParams) -> sampling.SamplingArrays:
         settings = sampling.sampling_arrays([sampling_params], self._config.vocab_size)

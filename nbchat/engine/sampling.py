@@ -224,8 +224,12 @@ def choose(
     B, V = processed.shape
     n_candidates = min(MAX_CANDIDATES, V)
     # [B, K], descending. The barrier keeps XLA from folding the later slices of the result into the
-    # top_k, which turns it into a full sort of the vocabulary (11 ms instead of 0.1 ms on CPU).
-    candidate_logits, candidate_ids = jax.lax.optimization_barrier(jax.lax.top_k(processed, n_candidates))
+    # top_k, which turns it into a full sort of the vocabulary (11 ms instead of 0.1 ms on CPU). The
+    # extra operand keeps the barrier's operand from being the top_k's own tuple: compiled for
+    # several devices (sharding.py), XLA:CPU aborts on that (TopkDecomposer, jaxlib 0.10); same speed.
+    candidate_logits, candidate_ids, _ = jax.lax.optimization_barrier(
+        (*jax.lax.top_k(processed, n_candidates), jnp.zeros((), jnp.int32))
+    )
     greedy = candidate_ids[:, 0]
 
     scaled, candidates, keep = _scaled_candidates(processed, candidate_logits, settings)
