@@ -110,7 +110,9 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(config: ModelConfig, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def step_program(
+    config: ModelConfig, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
     """The jitted step over every row of the batch: decode, and prefill while the batch has one row.
 
     ``graphdef`` is the decoder's structure (``nnx.split``, closed over as static); ``params`` its

@@ -45,8 +45,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nbchat.engine.config import ModelConfig
 from nbchat.engine.cache import KVCache
+from nbchat.engine.config import ModelConfig
 from nbchat.errors import InvalidRequestError
 
 DATA, MODEL = "data", "model"
@@ -194,7 +194,8 @@ def cache_specs(config: ModelConfig, mesh: Mesh, batch_size: int) -> KVCache:
     rows = DATA if _divides(_axis_size(mesh, DATA), batch_size) else None
     heads = MODEL if _divides(_axis_size(mesh, MODEL), config.num_kv_heads) else None
     spec = PartitionSpec(rows, heads, None, None)
-    return KVCache(tuple(spec for _ in range(config.num_layers)), tuple(spec for _ in range(config.num_layers)))
+    per_layer = tuple(spec for _ in range(config.num_layers))
+    return KVCache(per_layer, per_layer)
 
 
 def gathered(logits: jax.Array, mesh: Mesh | None) -> jax.Array:
