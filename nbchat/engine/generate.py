@@ -259,8 +259,11 @@ class Generator:
         if mesh is not None:
             self._params = sharding.place_parameters(self._params, config, mesh)
             nnx.update(decoder, self._params)  # the decoder holds the placed arrays: weights held once
-        self._program = step_program(config, graphdef, mesh)
-        self._row_program = row_prefill_program(config, graphdef, mesh)
+        # The mesh only when there is one: lru_cache keys (config, graphdef) and (config, graphdef,
+        # None) apart, and callers of the single-device programs pass two arguments.
+        on_mesh = () if mesh is None else (mesh,)
+        self._program = step_program(config, graphdef, *on_mesh)
+        self._row_program = row_prefill_program(config, graphdef, *on_mesh)
         self._mask_words = -(-config.vocab_size // 32)
         self._all_allowed: dict[int, jax.Array] = {}  # per batch size
         self._no_bias = np.zeros((1, config.vocab_size), np.float32)
