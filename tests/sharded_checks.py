@@ -77,6 +77,9 @@ def generator_checks(mesh, cases: list[str]) -> dict:
     batched), greedy tokens of a sharded and an unsharded Generator over the same weights."""
     results = {}
     for case in cases:
+        if case == "smollm2":
+            results[case] = smollm2_check(mesh)
+            continue
         name, kind, *extra = case.split("-")
         config, packed, grown = CONFIGS[name], kind == "packed", extra == ["grown"]
         plain = Generator(config, decoder(config, packed))
@@ -94,6 +97,25 @@ def generator_checks(mesh, cases: list[str]) -> dict:
         if grown:
             results[case]["batched"] = batched_check(plain, sharded)
     return results
+
+
+def smollm2_check(mesh) -> dict:
+    """The default model (its GGUF's packed codes), 16 greedy tokens of a chat-like prompt."""
+    from nbchat.models import DEFAULT_MODEL, load
+    from nbchat.templates import render_messages, tokenize_prompt
+
+    loaded = load(DEFAULT_MODEL, progress=False)
+    text = render_messages(loaded.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    prompt_ids = tokenize_prompt(loaded.tokenizer, text)
+    expected, expected_logprobs = greedy(Generator(loaded.config, loaded.decoder), prompt_ids, 16)
+    sharded = Generator(loaded.config, loaded.decoder, mesh)  # places the decoder's own arrays
+    tokens, logprobs = greedy(sharded, prompt_ids, 16)
+    return {
+        "tokens_equal": tokens == expected,
+        "logprob_gap": float(np.max(np.abs(np.array(logprobs) - np.array(expected_logprobs)))),
+        "specs": specs(sharded),
+        "cache_spec": cache_spec(sharded),
+    }
 
 
 def batched_check(plain: Generator, sharded: Generator) -> dict:

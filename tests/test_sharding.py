@@ -163,3 +163,12 @@ def test_four_devices_generate_the_unsharded_tokens():
     # An MLP of 96 in float: split (96 / 4); 3 kv heads: replicated.
     assert odd["specs"]["layers.0.mlp.down.weight"] == [None, "model"]
     assert odd["specs"]["layers.0.attn.q.weight"] == [None, None] and odd["cache_spec"][1] is None
+
+
+@pytest.mark.integration
+def test_smollm2_on_two_devices_generates_its_unsharded_tokens():
+    smollm2 = run_checks(2, "-", "smollm2")["generator"]["smollm2"]
+    assert smollm2["tokens_equal"] and smollm2["logprob_gap"] < 1e-3
+    assert smollm2["specs"]["layers.0.mlp.gate.codes"] == ["model", None]
+    assert smollm2["specs"]["layers.0.attn.q.codes"] == [None, None]  # 3 kv heads
+    assert smollm2["cache_spec"] == [None, None, None, None]
