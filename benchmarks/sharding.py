@@ -92,7 +92,8 @@ def run_worker(devices: int, mesh: str, args: argparse.Namespace) -> dict:
     completed = subprocess.run(command, capture_output=True, text=True, env=env,
                                cwd=Path(__file__).parent.parent)
     if completed.returncode != 0:
-        raise RuntimeError(f"worker ({devices} devices, NBCHAT_MESH={mesh}) failed:\n{completed.stderr[-4000:]}")
+        raise RuntimeError(f"worker ({devices} devices, NBCHAT_MESH={mesh}) failed:\n"
+                           f"{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         (r["label"], f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x",
          f"{r['aggregate_tok_s']:.1f}", f"{r['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}x",
-         f"{r['first_run_s']:.1f}", f"{r['peak_rss_mb']:.0f}", "yes" if r["reply_ids"] == base["reply_ids"] else "NO")
+         f"{r['first_run_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+         "yes" if r["reply_ids"] == base["reply_ids"] else "NO")
         for r in results
     ]
     header = ("configuration", "decode tok/s", "vs 1 device", f"{n} streams tok/s", "vs 1 device",

@@ -44,7 +44,7 @@ def flat_specs(config, formats, mesh) -> dict[str, PartitionSpec]:
                 specs, is_leaf=lambda node: isinstance(node, PartitionSpec))[0]}
 
 
-def test_smollm2_on_two_devices_splits_its_mlp_and_vocabulary_and_replicates_its_three_kv_heads():
+def test_smollm2_on_two_devices_splits_its_mlp_and_replicates_its_three_kv_heads_and_vocabulary():
     specs = flat_specs(SMOLLM2_SHAPES, SMOLLM2_FORMATS, AbstractMesh((2,), ("model",)))
     for leaf in ("codes", "scale", "minimum"):
         assert specs[f"layers.0.mlp.gate.{leaf}"] == PartitionSpec("model", None)
@@ -52,7 +52,7 @@ def test_smollm2_on_two_devices_splits_its_mlp_and_vocabulary_and_replicates_its
         assert specs[f"layers.0.mlp.down.{leaf}"] == PartitionSpec(None, "model")
         for name in ("q", "k", "v", "o"):
             assert specs[f"layers.0.attn.{name}.{leaf}"] == PartitionSpec()
-    assert specs["embed.codes"] == specs["embed.scale"] == PartitionSpec("model", None)
+    assert specs["embed.codes"] == specs["embed.scale"] == PartitionSpec()
     assert specs["final_norm.weight"] == specs["layers.0.attn_norm.weight"] == PartitionSpec()
     cache = sharding.cache_specs(SMOLLM2_SHAPES, AbstractMesh((2,), ("model",)), batch_size=4)
     assert set(cache.k + cache.v) == {PartitionSpec(None, None, None, None)}

@@ -110,9 +110,7 @@ def plan_prefill(start: int, end: int, context_length: int) -> list[tuple[int, i
 
 
 @functools.lru_cache(maxsize=8)
-def step_program(
-    config: ModelConfig, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
-) -> Callable:
+def step_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
     """The jitted step over every row of the batch: decode, and prefill while the batch has one row.
 
     ``graphdef`` is the decoder's structure (``nnx.split``, closed over as static); ``params`` its
@@ -123,7 +121,6 @@ def step_program(
     not advancing (free slots, paused or still prefilling sequences) keep their sampler state and
     their previous sample; their cache write lands past their valid slots, so it changes nothing.
     Compiled once per (S, T, cache capacity); the cache is donated so XLA updates it in place.
-    With a ``mesh`` (params and cache placed on it), the logits are gathered before sampling.
     """
 
     def run(params, cache, token_ids, cache_len, logits_at, advancing, state, settings, allowed_bits,
@@ -131,7 +128,6 @@ def step_program(
         T = token_ids.shape[1]
         positions = cache_len[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         logits, cache = model.forward(graphdef, params, token_ids, positions, cache, cache_len, logits_at)
-        logits = sharding.gathered(logits, mesh)
         result, new_state = sampling.sample(logits, state, settings, allowed_bits)
 
         def keep_unless_advancing(new: jax.Array, old: jax.Array) -> jax.Array:
@@ -145,9 +141,7 @@ def step_program(
 
 
 @functools.lru_cache(maxsize=8)
-def row_prefill_program(
-    config: ModelConfig, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh | None = None
-) -> Callable:
+def row_prefill_program(config: ModelConfig, graphdef: nnx.GraphDef) -> Callable:
     """The jitted prefill of one row of a batch of several.
 
     ``(params, cache, row [] int32, token_ids [1, T], cache_len [1], logits_at [1], state, settings,
@@ -163,7 +157,6 @@ def row_prefill_program(
         logits, row_cache = model.forward(
             graphdef, params, token_ids, positions, row_cache, cache_len, logits_at
         )
-        logits = sharding.gathered(logits, mesh)
         cache = jax.tree.map(
             lambda buffer, part: jax.lax.dynamic_update_slice_in_dim(buffer, part, row, axis=0),
             cache,
@@ -259,11 +252,8 @@ class Generator:
         if mesh is not None:
             self._params = sharding.place_parameters(self._params, config, mesh)
             nnx.update(decoder, self._params)  # the decoder holds the placed arrays: weights held once
-        # The mesh only when there is one: lru_cache keys (config, graphdef) and (config, graphdef,
-        # None) apart, and callers of the single-device programs pass two arguments.
-        on_mesh = () if mesh is None else (mesh,)
-        self._program = step_program(config, graphdef, *on_mesh)
-        self._row_program = row_prefill_program(config, graphdef, *on_mesh)
+        self._program = step_program(config, graphdef)
+        self._row_program = row_prefill_program(config, graphdef)
         self._mask_words = -(-config.vocab_size // 32)
         self._all_allowed: dict[int, jax.Array] = {}  # per batch size
         self._no_bias = np.zeros((1, config.vocab_size), np.float32)
