@@ -151,8 +151,8 @@ def open_transformers(model_path: str, banned: dict[int, float]) -> tuple[Callab
 
     def stream(messages: list[dict], max_tokens: int) -> Iterator[Piece]:
         ids = holder["tokenizer"].apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt"
-        )
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         streamer = TokenQueue()
 
         def generate() -> None:
