@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    import jax
+    from flax import nnx
 
     from nbchat.engine.generate import Generator
+    from nbchat.engine.model import Matrix
     from nbchat.engine.weights import load_gguf
     from nbchat.models import resolve
 
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     if source.kind != "gguf":
         parser.error("the benchmark loads GGUF files; pass a .gguf path or a registry name")
     config, params = load_gguf(str(source.path), "float32", progress=False)
-    # every float weight a step multiplies by (the tied embedding is the head)
-    n_params = sum(int(leaf.size) for leaf in jax.tree.leaves(params["layers"])) + int(params["embed"].size)
+    # every weight a step multiplies by, packed or not (the tied embedding is the head)
+    n_params = sum(module.in_features * module.out_features for _, module in nnx.iter_graph(params)
+                   if isinstance(module, Matrix))
     generator = Generator(config, params)
     counts = [int(n) for n in args.streams.split(",")]
     rows = []

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as GGML
 from safetensors.numpy import save_file
 
-from nbchat.engine import packed
+from nbchat.engine import packed, weights
 from nbchat.engine.config import Llama3RopeScaling, ModelConfig, llama3_rope_factors
 from nbchat.engine.weights import load_gguf, load_safetensors_dir, read_gguf_metadata
 from nbchat.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
@@ -653,3 +653,30 @@ def test_smollm2_gguf_config_and_shapes():
     assert (k.out_features, k.in_features, k.packed_format) == (192, 576, "Q4_1")
     assert decoder.embed.packed_format == "Q8_0"  # the tied head's codes, looked up for embeddings too
     assert decoder.lm_head is None
+
+
+def test_weights_reader_skips_long_string_arrays_and_keeps_everything_else(tmp_path):
+    # The loader's reader steps over vocabularies and reads number arrays in one view: the metadata
+    # it gives (tokenizer arrays aside) and every tensor must be exactly gguf.GGUFReader's.
+    path = tmp_path / "fields.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_token_list([f"tok{i}" for i in range(3000)])  # a long string array: skipped
+    writer.add_token_types(list(range(3000)))  # a long number array: one view
+    writer.add_array("general.languages", ["en", "fr"])  # a short string array: read as usual
+    writer.add_array("general.numbers", [1.5, 2.5])
+    writer.add_string("general.name", "fields")
+    writer.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    fast, full = weights._open_gguf(path, string_arrays=False), gguf.GGUFReader(path)
+    assert weights._gguf_metadata(fast, with_tokenizer=False) == weights._gguf_metadata(
+        full, with_tokenizer=False
+    )
+    assert fast.fields["general.languages"].contents() == ["en", "fr"]
+    assert fast.fields["tokenizer.ggml.token_type"].contents() == list(range(3000))
+    assert fast.fields["tokenizer.ggml.tokens"].contents() == []
+    assert [(t.name, t.data_offset) for t in fast.tensors] == [(t.name, t.data_offset) for t in full.tensors]
+    np.testing.assert_array_equal(fast.tensors[0].data, full.tensors[0].data)

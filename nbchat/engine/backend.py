@@ -52,6 +52,12 @@ def compiler_options() -> dict[str, bool]:
     return {"xla_cpu_copy_insertion_use_region_analysis": True} if on_cpu() else {}
 
 
+def _always_true(x: jax.Array) -> jax.Array:
+    """A predicate that is always true (no float exceeds +inf, NaN included) but that XLA cannot
+    know, and that depends on ``x``: whatever a conditional on it computes waits for ``x``."""
+    return jnp.logical_not(x.reshape(-1)[0] > jnp.inf)
+
+
 def fusion_barrier(x: jax.Array) -> jax.Array:
     """``x``, computed once into its own buffer before the next op reads it (CPU; elsewhere ``x``).
 
@@ -59,14 +65,26 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
     the ops that produce its input into that loop too, recomputing them for every output row: after
     the attention that made a SmolLM2 decode step 8 ms slower; with every packed linear's input
     materialized the step took 17.7 ms instead of 22 (commit 0c6e497). A conditional is a boundary
-    no fusion crosses; the predicate is always true (no float exceeds +inf, NaN included) but XLA
-    cannot know it, so the other branch never runs. (``jax.lax.optimization_barrier`` would say this
-    directly, but XLA:CPU drops barriers before fusion.)
+    no fusion crosses, and its other branch never runs. (``jax.lax.optimization_barrier`` would say
+    this directly, but XLA:CPU drops barriers before fusion.)
     """
     if not on_cpu():
         return x
-    always_true = jnp.logical_not(x.reshape(-1)[0] > jnp.inf)
-    return jax.lax.cond(always_true, lambda a: a, jnp.zeros_like, x)
+    return jax.lax.cond(_always_true(x), lambda a: a, jnp.zeros_like, x)
+
+
+def unpacked_when_needed(x: jax.Array, weight: packed.PackedWeight) -> jax.Array:
+    """The weight unpacked to float32 [..., out, in] into a buffer of its own, computed only once
+    ``x`` (the product's input) exists.
+
+    Unpacking depends on the parameters alone, so XLA:CPU otherwise schedules every layer's
+    unpacking at the start of the step: all of them (540 MB for SmolLM2) were live at once, each
+    written to and read back from memory, and a 4-row decode step took 356 ms instead of 57 (same
+    run; the unpacking fusions 10x slower than alone, where the buffer stays in cache). Computed in
+    a conditional on a predicate of ``x``, each weight is unpacked just before its product and its
+    buffer is freed after it: one weight's float copy lives at a time.
+    """
+    return jax.lax.cond(_always_true(x), packed.dequantize, lambda w: jnp.zeros(w.shape, jnp.float32), weight)
 
 
 def _rows(x: jax.Array) -> int:
@@ -95,12 +113,13 @@ def float_linear(x: jax.Array, weight: jax.Array) -> jax.Array:
 def packed_linear(x: jax.Array, weight: packed.PackedWeight) -> jax.Array:
     """x [..., in] float32 @ the packed weight [out, in].T -> [..., out] float32.
 
-    One row (decode): the unpacking fused into the matrix-vector product, reading only the codes
-    (its input materialized first: see ``fusion_barrier``). Several rows (prefill): the same fused
-    loop ran 2x slower than a float32 matmul, so the weight is unpacked once into a temporary
-    float32 buffer (a barrier keeps XLA from fusing the unpacking into the matmul) and multiplied;
-    the buffer lives for one product, so no float copy of the weights stays in memory.
+    One row (a one-sequence decode step): the unpacking fused into the matrix-vector product,
+    reading only the codes (its input materialized first: see ``fusion_barrier``). Several rows
+    (a batched decode step, a prefill): fused, the unpacking ran once per row of x or worse (a
+    4-row step 300+ ms, the 49152-row head alone 50-70 ms), so the weight is unpacked once into a
+    temporary float32 buffer, just in time (``unpacked_when_needed``), and multiplied by XLA's
+    matmul; the buffer lives for one product, so no float copy of the weights stays in memory.
     """
     if _rows(x) == 1:
         return packed.linear(fusion_barrier(x), weight)
-    return x @ fusion_barrier(packed.dequantize(weight)).T
+    return x @ unpacked_when_needed(x, weight).T
