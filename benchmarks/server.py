@@ -4,7 +4,8 @@ llama-cpp-python's server on the same GGUF where ``llama_cpp`` is importable.
     python -m benchmarks.server [--model smollm2-135m-instruct] [--clients 1,4,16] [--max-tokens 128]
                                 [--output benchmarks/results/server.json] [--no-llama-cpp]
 
-Each server runs in its own subprocess on a free loopback port and is warmed up with one request.
+Each server runs in its own subprocess on a free loopback port; before each measured round it is
+warmed up by a round of the same client count with 8-token replies.
 Then, for each client count N, N clients (the official ``openai`` async client) each stream one
 reply of up to --max-tokens tokens (distinct prompts, so no client reuses another's cached prefix)
 at the same moment. Reported per N: aggregate tokens per second (all completion tokens over the wall
@@ -83,12 +84,16 @@ async def one_stream(client, model: str, topic: str, max_tokens: int) -> dict:
         temperature=0.7, seed=1,
         messages=[{"role": "user", "content": f"Write a long, detailed story about {topic}."}],
     )
+    content_chunks = 0
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             last = time.perf_counter()
             first = first or last
+            content_chunks += 1
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
+    # llama-cpp-python's server ignores stream_options.include_usage; it sends one token per chunk.
+    tokens = tokens or content_chunks
     decode_s = (last - first) if first and last else 0.0
     return {"ttft_s": (first or time.perf_counter()) - started, "tokens": tokens,
             "tokens_per_s": (tokens - 1) / decode_s if decode_s > 0 and tokens > 1 else 0.0}
@@ -121,9 +126,10 @@ def bench_server(name: str, command: list[str], port: int, model: str, client_co
     process = start(command, port, log_dir / f"{name}.log")
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        asyncio.run(one_round(base_url, model, 1, 8))  # warm-up: compile / load what a reply needs
         rows = []
         for clients in client_counts:
+            # warm-up at this client count: what a batch of that size compiles or loads first
+            asyncio.run(one_round(base_url, model, clients, 8))
             row = {"server": name, **asyncio.run(one_round(base_url, model, clients, max_tokens))}
             print_row(row)
             rows.append(row)
@@ -167,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         llama_cpp = f"skipped: {source.name} is not a GGUF file"
     if llama_cpp is None:
         port = free_port()
+        # --interrupt_requests False: by default a new request cuts the running stream short (its
+        # client sees the stream end with no tokens); queued, every client gets its full reply.
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(source.path), "--port", str(port),
-                   "--n_ctx", "4096", "--model_alias", source.name]
+                   "--n_ctx", "4096", "--model_alias", source.name, "--interrupt_requests", "False"]
         rows += bench_server("llama-cpp-python", command, port, source.name, client_counts, args.max_tokens,
                              log_dir)
         llama_cpp = "measured"
