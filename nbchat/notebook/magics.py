@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -65,7 +66,7 @@ from nbchat.notebook.settings import (
     suggest,
 )
 from nbchat.remote import api_key_and_source, is_endpoint, mask_key
-from nbchat.turns import TurnGate, fill_turn, run_turn
+from nbchat.turns import TurnControl, TurnGate, fill_turn, run_turn
 
 __all__ = [
     "COMMANDS_HELP",
@@ -278,15 +279,8 @@ class ChatMagics(Magics, ChatSettings):
             "reproduce": reproduce,
         }
         try:
-            exchange = run_turn(
-                open_stream,
-                request,
-                view,
-                registry,
-                run_tools=bool(settings.get("run_tools")),
-                max_tool_steps=settings["max_tool_steps"],
-                metadata=tool_loop.turn_metadata(request, metadata),
-                how_to_allow=tool_loop.HOW_TO_ALLOW,
+            exchange = self.run_exchange(
+                open_stream, request, view, registry, settings, metadata, how_to_allow=tool_loop.HOW_TO_ALLOW
             )
         except NbchatError as error:
             raise UsageError(str(error)) from None
@@ -312,6 +306,33 @@ class ChatMagics(Magics, ChatSettings):
             if code.strip():
                 self.shell.set_next_input(code)
         return chat_reply(exchange, text, value)
+
+    def run_exchange(
+        self,
+        open_stream: Callable[[dict[str, Any]], Any],
+        request: dict[str, Any],
+        view: Any,
+        registry: Any,
+        settings: dict[str, Any],
+        metadata: dict[str, Any],
+        *,
+        how_to_allow: str,
+        control: TurnControl | None = None,
+    ) -> Any:
+        """Run one turn's model steps (``nbchat.turns.run_turn``, the tool loop included) under the
+        turn's settings: the one place a cell and the chat panel start a reply. Returns the exchange,
+        or None when interrupted before the first token."""
+        return run_turn(
+            open_stream,
+            request,
+            view,
+            registry,
+            run_tools=bool(settings.get("run_tools")),
+            max_tool_steps=settings["max_tool_steps"],
+            metadata=tool_loop.turn_metadata(request, metadata),
+            control=control,
+            how_to_allow=how_to_allow,
+        )
 
     def _engine_for(self, model: str, **load_options: Any) -> Any:
         """The chat backend of ``model``: the shared local engine, or a remote endpoint's client

@@ -39,7 +39,7 @@ from nbchat.notebook.engines import known_models, loaded_engine
 from nbchat.notebook.panel_view import PENDING_ID, PanelReplyView, transcript_entries, turn_entries
 from nbchat.notebook.render import fence, one_line
 from nbchat.notebook.settings import parse_setting
-from nbchat.turns import TurnControl, fill_turn, run_turn
+from nbchat.turns import TurnControl, fill_turn
 
 _HERE = Path(__file__).parent
 # What the settings drawer edits, in its order; the same settings `%chat set` changes.
@@ -306,16 +306,9 @@ class ChatPanel(anywidget.AnyWidget):
             view = PanelReplyView(self._broadcast)
             self.last_view = view
             base = {"model": settings["model"], "conversation": conversation.name, "turn": index}
-            exchange = run_turn(
-                partial(magics._open_stream, engine),
-                request,
-                view,
-                registry,
-                run_tools=bool(settings.get("run_tools")),
-                max_tool_steps=settings["max_tool_steps"],
-                metadata=tool_loop.turn_metadata(request, base),
-                control=control,
-                how_to_allow=HOW_TO_ALLOW,
+            exchange = magics.run_exchange(
+                partial(magics._open_stream, engine), request, view, registry, settings, base,
+                how_to_allow=HOW_TO_ALLOW, control=control,
             )
             if exchange is not None:
                 conversation.put(fill_turn(turn, exchange, settings["model"]), index)
