@@ -353,12 +353,20 @@ class CompareColumn:
     mean_logprob: float | None
     kept: bool
 
+    @property
+    def label(self) -> str:
+        """The varied settings as ``key=value, ...``."""
+        return ", ".join(f"{key}={value}" for key, value in self.settings.items())
+
+    @property
+    def mean_text(self) -> str:
+        return "n/a" if self.mean_logprob is None else f"{self.mean_logprob:.3f}"
+
 
 def compare_html(columns: Sequence[CompareColumn]) -> str:
     cells = []
     for number, column in enumerate(columns, start=1):
-        label = ", ".join(f"{key}={value}" for key, value in column.settings.items())
-        mean = "n/a" if column.mean_logprob is None else f"{column.mean_logprob:.3f}"
+        label, mean = column.label, column.mean_text
         kept = " · kept in the conversation" if column.kept else ""
         cells.append(
             f'<div class="nbchat-compare-column" data-settings="{_attribute(column.settings)}" '
@@ -379,8 +387,7 @@ def compare_html(columns: Sequence[CompareColumn]) -> str:
 def compare_text(columns: Sequence[CompareColumn]) -> str:
     blocks = []
     for number, column in enumerate(columns, start=1):
-        label = ", ".join(f"{key}={value}" for key, value in column.settings.items())
-        mean = "n/a" if column.mean_logprob is None else f"{column.mean_logprob:.3f}"
+        label, mean = column.label, column.mean_text
         kept = " [kept]" if column.kept else ""
         blocks.append(
             f"{number}. {label} ({column.completion_tokens} tokens, mean logprob {mean}){kept}\n{column.text}"
