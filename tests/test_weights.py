@@ -4,6 +4,7 @@ made from; and the loader's refusals (tensor type, shape, missing and unexpected
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -680,3 +681,19 @@ def test_weights_reader_skips_long_string_arrays_and_keeps_everything_else(tmp_p
     assert fast.fields["tokenizer.ggml.tokens"].contents() == []
     assert [(t.name, t.data_offset) for t in fast.tensors] == [(t.name, t.data_offset) for t in full.tensors]
     np.testing.assert_array_equal(fast.tensors[0].data, full.tensors[0].data)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory mappings")
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "float"])
+def test_loaded_decoder_does_not_keep_the_file_mapped(tmp_path, tiny_params, pack):
+    # The file is memory-mapped while it is read; its F32 norms are views of that memory, and a
+    # parameter aliasing one would keep every page touched while loading resident.
+    path = tmp_path / "mapped.gguf"
+    write_gguf(path, TINY, named_tensors(TINY, tiny_params, 1), GGML.Q4_0)
+
+    config, decoder = load_gguf(path, progress=False, pack=pack)
+    gc.collect()
+
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    _, params = float_params(config, decoder)
+    np.testing.assert_array_equal(params["final_norm"], tiny_params["final_norm"])  # copied, not lost

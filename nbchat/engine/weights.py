@@ -181,7 +181,8 @@ def _assemble(
 
     ``read_float(path)`` returns a float parameter as an array in [out, in] layout; ``read_packed(path)``
     a packed matrix's ``packed.PackedWeight`` (numpy leaves) for the float path of its weight. Each
-    tensor goes to the device before the next is read, so the peak is the model once plus one tensor.
+    tensor goes to the device before the next is read, so the peak is the model once plus one tensor;
+    no parameter refers to the file's memory, so a memory-mapped file is unmapped once read.
     """
     import jax
     from flax import nnx
@@ -202,6 +203,11 @@ def _assemble(
                 value = getattr(packed_weight[1], leaf)
             else:
                 value = np.asarray(read_float(_dotted(path))).astype(target, copy=False)
+                if value.base is not None:
+                    # A view of the file (an F32 tensor of a memory-mapped GGUF): on CPU, device_put
+                    # aliases it, and one small norm kept the whole mapping resident (96 MB of
+                    # SmolLM2's pages touched while loading).
+                    value = value.copy()
             if value.shape != variable.shape or value.dtype != variable.dtype:
                 read_as = f"{value.shape} {value.dtype}"
                 raise AssertionError(f"{_dotted(path)}: read {read_as}, expected {variable}")
