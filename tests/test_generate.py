@@ -6,6 +6,7 @@ are tested in test_batching.py."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import jax
@@ -135,11 +136,12 @@ def test_stop_id_is_yielded_and_ends_the_generation(generator):
 
 
 def test_a_reply_ended_by_a_stop_id_is_cached_whole_and_reused_correctly(generator, params):
-    # The step after each token starts before the token is delivered, so a reply that ends on a stop
-    # id has the stop id's k/v cached too: a next turn that repeats it reuses all of it.
-    first_prompt = prompt(25, seed=4)
+    # The step after each token (but the first: it is delivered before the next step starts) starts
+    # before the token is delivered, so a reply that ends on a stop id has the stop id's k/v cached
+    # too: a next turn that repeats it reuses all of it.
+    first_prompt = prompt(25, seed=5)  # the tiny model's reply changes token once, at its 9th
     free = token_ids(list(generator.generate(first_prompt, GREEDY, max_new_tokens=12)))
-    stop = free[5]
+    stop = next(token for index, token in enumerate(free) if index >= 2 and token not in free[:index])
     reply = token_ids(list(generator.generate(first_prompt, GREEDY, max_new_tokens=12, stop_ids={stop})))
     assert reply[-1] == stop
     assert generator.cached_token_count == len(first_prompt) + len(reply)
@@ -296,6 +298,30 @@ def test_an_error_during_a_step_drops_the_cache_and_the_next_generation_starts_f
     assert_greedy_matches_reference(params, prompt_ids, events)
 
 
+def test_the_first_token_reaches_its_consumer_before_the_next_step_starts(params):
+    # The next step may need a program that is not compiled yet (in a fresh process, the decode
+    # step's): the first token, sampled by the prefill, must not wait for it.
+    engine = Generator(TINY, params)
+    program = engine._program
+    first_taken = threading.Event()
+    seen_before_step = []
+
+    def decode_step_waiting_for_the_first_token(*args):
+        if args[2].shape[1] == 1:  # token_ids [S, 1]: a decode step, not the prompt's prefill
+            seen_before_step.append(first_taken.wait(timeout=10))
+        return program(*args)
+
+    engine._program = decode_step_waiting_for_the_first_token
+    prompt_ids = prompt(20, seed=17)
+    stream = engine.generate(prompt_ids, GREEDY, max_new_tokens=4)
+    head = [next(stream)]
+    first_taken.set()
+    events = head + list(stream)
+
+    assert seen_before_step and all(seen_before_step)
+    assert_greedy_matches_reference(params, prompt_ids, events)
+
+
 def test_two_open_iterators_both_run_to_their_own_tokens(generator, params):
     first_prompt, second_prompt = prompt(20, seed=30), prompt(27, seed=31)
     first = generator.generate(first_prompt, GREEDY, max_new_tokens=10)
@@ -326,6 +352,18 @@ def test_a_second_generation_of_the_same_shapes_compiles_nothing(params):
     list(engine.generate(prompt(20, seed=16), GREEDY, max_new_tokens=3))  # no reuse: a fresh prefill
     assert engine.last_reused_tokens == 0
     assert program._cache_size() == compiled
+
+
+def test_memory_a_compile_freed_is_returned_after_it_once():
+    from nbchat.engine import jax_setup
+
+    jax_setup.watch_compiles()
+    jax_setup.return_freed_memory()  # whatever compiled before this test
+    assert jax_setup.return_freed_memory() is False  # nothing compiled since
+    jax.jit(lambda x: x * 3 + 1)(np.arange(11, dtype=np.int32))  # a program of its own: compiled here
+    trims = jax_setup._malloc_trim() is not None  # glibc (Linux); elsewhere nothing to return
+    assert jax_setup.return_freed_memory() is trims
+    assert jax_setup.return_freed_memory() is False
 
 
 def test_the_generator_turns_on_the_persistent_compilation_cache_keyed_per_machine(generator, monkeypatch):

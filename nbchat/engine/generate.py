@@ -246,6 +246,7 @@ class Generator:
         """``mesh``: the devices to shard parameters and cache over (``sharding.py``); None runs on
         the default device."""
         jax_setup.enable_persistent_compilation_cache()
+        jax_setup.watch_compiles()
         self._config = config
         self._mesh = mesh
         graphdef, self._params = nnx.split(decoder)  # once: the hot path is a plain jit over the state
@@ -500,6 +501,7 @@ class Generator:
             self._prefill_chunk(min(prefilling, key=lambda slot: slot.last_used))
         self._decode_step()
         self._maybe_shrink()
+        jax_setup.return_freed_memory()  # after a step that compiled: its 100-230 MB of host memory
 
     def _plan_prefill(self, slot: _Slot) -> None:
         """Plan a newly admitted sequence's prefill chunks and their cache capacities."""
@@ -589,6 +591,14 @@ class Generator:
                 slot for slot in self._slots
                 if slot.sequence is not None and not slot.chunks and slot.sequence.keeping_up
             ]
+        # A sequence's first token (its prefill's) is read before the step starts: the step may need
+        # a program not compiled yet (this batch size or capacity, or the process's first decode:
+        # ~1.6 s on SmolLM2 with a warm cache), and the first token should not wait for that.
+        first = [slot for slot in active if slot.unread and slot.sequence.produced == 0]
+        if first:
+            self._deliver(first, self._result)
+            with self._lock:
+                active = [slot for slot in active if slot.sequence is not None and slot.sequence.keeping_up]
         reading = [slot for slot in active if slot.unread]
         for slot in active:
             sequence = slot.sequence

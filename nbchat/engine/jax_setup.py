@@ -1,18 +1,30 @@
-"""Process-wide JAX settings the engine needs: the persistent compilation cache.
+"""Process-wide JAX settings the engine needs: the persistent compilation cache, and handing the
+memory a compile freed back to the system.
 
 Compiled programs are cached on disk so a new process (a restarted kernel, the next test run) loads
 them instead of compiling again (measured on CPU: decode 0.85 -> 0.13 s, prefill 1.8 -> 0.12 s).
 Cached executables depend on the CPU's features, so the directory is keyed per machine. A cache
 directory the user configured themselves is left alone.
+
+Tracing, lowering and compiling a step program (or loading it from the cache) allocates 100-230 MB
+on the host that is freed right after, but glibc's allocator keeps freed memory mapped: measured on
+SmolLM2-135M, each new program left the process 110-230 MB larger, and ``malloc_trim`` returned
+all of it (a program loaded from the cache then kept ~0-5 MB).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import platform
+import threading
 from pathlib import Path
 
 _configured = False
+_compiled = threading.Event()  # set by every compile (or cache load) since memory was last returned
+_watching = False
+_watch_lock = threading.Lock()
 
 
 def nbchat_home() -> Path:
@@ -66,3 +78,44 @@ def enable_persistent_compilation_cache() -> Path | None:
     compilation_cache.reset_cache()
     _configured = True
     return directory
+
+
+def watch_compiles() -> None:
+    """Note every compile of this process (once per process), for ``return_freed_memory``."""
+    global _watching
+    import jax
+
+    with _watch_lock:
+        if _watching:
+            return
+        # Recorded after every XLA compile, a persistent-cache hit included.
+        event = "/jax/core/compile/backend_compile_duration"
+
+        def compiled(name: str, _seconds: float, **_details: object) -> None:
+            if name == event:
+                _compiled.set()
+
+        jax.monitoring.register_event_duration_secs_listener(compiled)
+        _watching = True
+
+
+def return_freed_memory() -> bool:
+    """Hand the host memory freed since the last compile back to the system (glibc's
+    ``malloc_trim``); a no-op when nothing compiled since the last call or on another C library.
+    Returns whether it trimmed."""
+    if not _compiled.is_set():
+        return False
+    _compiled.clear()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)  # 0: keep no extra free memory at the top of the heap
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc (macOS, musl builds without it, Windows)
+        return None
