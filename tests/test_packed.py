@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from gguf import GGMLQuantizationType as GGML
 
-from nbchat.engine import generate, model, packed
+from nbchat.engine import backend, generate, model, packed
 from nbchat.engine.weights import load_gguf
 from tests.test_weights import TINY, float_params, make_params, named_tensors, write_gguf
 
@@ -58,6 +58,31 @@ def test_linear_equals_the_float_product(qtype):
 
     assert result.shape == (1, 1, 40)
     np.testing.assert_allclose(np.asarray(result), x @ expected.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
+def test_rows_of_a_packed_weight_are_its_rows(qtype):
+    raw, expected = quantized(48, 64, qtype, seed=5)
+    weight = packed.packed_from_gguf(raw, qtype.name, (48, 64))
+
+    np.testing.assert_array_equal(np.asarray(packed.dequantize(weight.rows(16, 48))), expected[16:48])
+    with pytest.raises(ValueError, match="word of"):
+        weight.rows(2, 16)
+
+
+@pytest.mark.parametrize("qtype", [GGML.Q4_1, GGML.Q8_0], ids=lambda t: t.name)
+def test_a_large_weight_times_several_rows_is_multiplied_in_chunks(qtype):
+    # Over 2 * UNPACKED_CHUNK_ROWS rows (a vocabulary head), several rows of x take the chunked
+    # path; its last chunk is a partial one.
+    out = 2 * backend.UNPACKED_CHUNK_ROWS + 8 * 13
+    raw, expected = quantized(out, 64, qtype, seed=6)
+    weight = jax.tree.map(jnp.asarray, packed.packed_from_gguf(raw, qtype.name, (out, 64)))
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+
+    result = np.asarray(jax.jit(backend.packed_linear)(x, weight))
+
+    assert result.shape == (3, out)
+    np.testing.assert_allclose(result, x @ expected.T, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

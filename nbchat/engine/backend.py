@@ -98,6 +98,10 @@ def _zeros_unpacked(weight: packed.PackedWeight) -> jax.Array:
     return jnp.zeros(weight.shape, jnp.float32)
 
 
+# Rows of a packed weight unpacked at a time for a product with several rows of x (see packed_linear).
+UNPACKED_CHUNK_ROWS = 4096
+
+
 def _rows(x: jax.Array) -> int:
     n = 1
     for size in x.shape[:-1]:
@@ -133,4 +137,16 @@ def packed_linear(x: jax.Array, weight: packed.PackedWeight) -> jax.Array:
     """
     if _rows(x) == 1:
         return packed.linear(fusion_barrier(x), weight)
-    return x @ unpacked_when_needed(x, weight).T
+    out_features = weight.shape[-2]
+    if out_features <= 2 * UNPACKED_CHUNK_ROWS:
+        return x @ unpacked_when_needed(x, weight).T
+    # A large weight (SmolLM2's 49152-row head: 113 MB as float32) in chunks, each unpacked after
+    # the previous chunk's product: one chunk's float copy (9 MB) stays in cache between its
+    # unpacking and its product instead of the whole copy going through memory twice. Same run,
+    # whole decode step: 2 rows 74 -> 38 ms, 4 rows 67 -> 45, 8 rows 73 -> 55, 16 rows 103 -> 79.
+    parts, after = [], x
+    for start in range(0, out_features, UNPACKED_CHUNK_ROWS):
+        chunk = weight.rows(start, min(start + UNPACKED_CHUNK_ROWS, out_features))
+        after = x @ unpacked_when_needed(after, chunk).T
+        parts.append(after)
+    return jnp.concatenate(parts, axis=-1)

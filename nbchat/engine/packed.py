@@ -91,6 +91,16 @@ class PackedWeight:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.codes, self.scale, self.minimum) if a is not None)
 
+    def rows(self, start: int, stop: int) -> PackedWeight:
+        """Rows [start, stop) of the weight (``start`` and ``stop`` multiples of the codes per word,
+        or ``stop`` the last row)."""
+        per_word = 32 // self.bits
+        if start % per_word or (stop % per_word and stop != self.shape[-2]):
+            raise ValueError(f"rows [{start}, {stop}) do not start and end on a word of {per_word} codes")
+        minimum = None if self.minimum is None else self.minimum[..., start:stop, :]
+        codes = self.codes[..., start // per_word : -(-stop // per_word), :]
+        return PackedWeight(codes, self.scale[..., start:stop, :], minimum, self.bits, self.offset)
+
 
 def split_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
     """GGUF block bytes of a [out, in] tensor -> (codes uint8 [out, in], scale float32 [out, in/32],
