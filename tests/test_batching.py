@@ -204,33 +204,31 @@ def test_a_thread_holding_every_slot_is_told_instead_of_waiting_forever(params, 
         events.close()
 
 
-@pytest.mark.integration
-def test_the_golden_prompts_batched_give_their_reference_tokens():
-    """The golden prompts of tests/golden/smollm2_greedy.json at once, on the real default model,
-    each twice with other settings beside them: every greedy stream equals the transformers
-    reference (which the same prompts alone equal, test_golden.py); a divergence names its step
-    and the reference's top-1/top-2 logit gap there."""
-    import json
-    from pathlib import Path
-
+@pytest.fixture(scope="module")
+def smollm2():
+    """(config, Decoder) of the real default model (packed Q4_1/Q8_0 codes), or a skip."""
     from nbchat.engine.weights import load_gguf
     from nbchat.errors import ModelNotFoundError
     from nbchat.models import DEFAULT_MODEL, resolve
 
-    golden = json.loads((Path(__file__).parent / "golden" / "smollm2_greedy.json").read_text())
     try:
         source = resolve(DEFAULT_MODEL, progress=False)
     except ModelNotFoundError as missing:
         pytest.skip(f"the default model file is not available: {missing}")
-    config, params = load_gguf(source.path, "float32", progress=False)
-    generator = Generator(config, params)
-    cases = golden["cases"]
-    greedy = [generator.generate(case["prompt_ids"], GREEDY, max_new_tokens=golden["new_tokens"])
-              for case in cases]
-    sampled = [generator.generate(case["prompt_ids"], SamplingParams(temperature=1.0, seed=i),
-                                  max_new_tokens=golden["new_tokens"]) for i, case in enumerate(cases)]
-    results = round_robin(greedy + sampled)
-    assert generator.batch_size == 8
+    return load_gguf(source.path, "float32", progress=False)
+
+
+def golden_cases() -> tuple[list[dict], int]:
+    import json
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "golden" / "smollm2_greedy.json").read_text())
+    return golden["cases"], golden["new_tokens"]
+
+
+def golden_divergences(cases: list[dict], results: list[list[TokenEvent]]) -> list[str]:
+    """Each greedy stream against its transformers reference: the step where it diverges and the
+    reference's top-1/top-2 logit gap there."""
     divergences = []
     for case, events in zip(cases, results, strict=False):
         generated = token_ids(events)
@@ -239,4 +237,35 @@ def test_the_golden_prompts_batched_give_their_reference_tokens():
         if step is not None:
             divergences.append(f"{case['messages'][-1]['content'][:30]!r}: step {step}, reference "
                                f"top-1/top-2 logit gap {case['top1_top2_logit_gap'][step]:.4f}")
+    return divergences
+
+
+@pytest.mark.integration
+def test_the_golden_prompts_batched_give_their_reference_tokens(smollm2):
+    """The golden prompts of tests/golden/smollm2_greedy.json at once, on the real default model,
+    each twice with other settings beside them: every greedy stream equals the transformers
+    reference (which the same prompts alone equal, test_golden.py)."""
+    generator = Generator(*smollm2)
+    cases, new_tokens = golden_cases()
+    greedy = [generator.generate(case["prompt_ids"], GREEDY, max_new_tokens=new_tokens) for case in cases]
+    sampled = [generator.generate(case["prompt_ids"], SamplingParams(temperature=1.0, seed=i),
+                                  max_new_tokens=new_tokens) for i, case in enumerate(cases)]
+    results = round_robin(greedy + sampled)
+    assert generator.batch_size == 8
+    divergences = golden_divergences(cases, results)
+    assert not divergences, "; ".join(divergences)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("streams", "batch_size"), [(2, 2), (3, 4)])
+def test_a_small_batch_of_golden_prompts_gives_their_reference_tokens(smollm2, streams, batch_size):
+    # Up to 4 rows take another path through the packed weights (one fused product per row).
+    generator = Generator(*smollm2)
+    cases, new_tokens = golden_cases()
+    cases = cases[:streams]
+    results = round_robin(
+        [generator.generate(case["prompt_ids"], GREEDY, max_new_tokens=new_tokens) for case in cases]
+    )
+    assert generator.batch_size == batch_size
+    divergences = golden_divergences(cases, results)
     assert not divergences, "; ".join(divergences)
