@@ -5,7 +5,7 @@ llama-cpp-python's server on the same GGUF where ``llama_cpp`` is importable.
                                 [--output benchmarks/results/server.json] [--no-llama-cpp]
 
 Each server runs in its own subprocess on a free loopback port; before each measured round it is
-warmed up by a round of the same client count with 8-token replies.
+warmed up by a round of the same client count and reply length on other prompts.
 Then, for each client count N, N clients (the official ``openai`` async client) each stream one
 reply of up to --max-tokens tokens (distinct prompts, so no client reuses another's cached prefix)
 at the same moment. Reported per N: aggregate tokens per second (all completion tokens over the wall
@@ -75,14 +75,16 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-async def one_stream(client, model: str, topic: str, max_tokens: int) -> dict:
+async def one_stream(client, model: str, reader: str, topic: str, max_tokens: int) -> dict:
     started = time.perf_counter()
     first = last = None
     tokens = 0
     stream = await client.chat.completions.create(
         model=model, stream=True, stream_options={"include_usage": True}, max_tokens=max_tokens,
         temperature=0.7, seed=1,
-        messages=[{"role": "user", "content": f"Write a long, detailed story about {topic}."}],
+        # The reader first: prompts of different rounds and clients share no text a prefix cache
+        # could reuse beyond the chat template's own tokens.
+        messages=[{"role": "user", "content": f"{reader}: write a long, detailed story about {topic}."}],
     )
     content_chunks = 0
     async for chunk in stream:
@@ -99,13 +101,13 @@ async def one_stream(client, model: str, topic: str, max_tokens: int) -> dict:
             "tokens_per_s": (tokens - 1) / decode_s if decode_s > 0 and tokens > 1 else 0.0}
 
 
-async def one_round(base_url: str, model: str, clients: int, max_tokens: int) -> dict:
+async def one_round(base_url: str, model: str, clients: int, max_tokens: int, reader: str = "Reader") -> dict:
     import openai
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=1800) as client:
         started = time.perf_counter()
         streams = await asyncio.gather(*(
-            one_stream(client, model, TOPICS[index % len(TOPICS)] + f" (reader {index})", max_tokens)
+            one_stream(client, model, f"{reader} {index}", TOPICS[index % len(TOPICS)], max_tokens)
             for index in range(clients)))
         wall = time.perf_counter() - started
     ttfts = sorted(stream["ttft_s"] for stream in streams)
@@ -128,8 +130,10 @@ def bench_server(name: str, command: list[str], port: int, model: str, client_co
     try:
         rows = []
         for clients in client_counts:
-            # warm-up at this client count: what a batch of that size compiles or loads first
-            asyncio.run(one_round(base_url, model, clients, 8))
+            # Warm-up at this client count: what a batch of that size compiles or loads first. The
+            # same reply length (the cache's capacity depends on it), other prompts (a server that
+            # caches prefixes would otherwise start the measured round with its prompts cached).
+            asyncio.run(one_round(base_url, model, clients, max_tokens, reader="Warm-up reader"))
             row = {"server": name, **asyncio.run(one_round(base_url, model, clients, max_tokens))}
             print_row(row)
             rows.append(row)
