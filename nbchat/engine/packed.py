@@ -93,12 +93,12 @@ class PackedWeight:
 
     def rows(self, start: int, stop: int) -> PackedWeight:
         """Rows [start, stop) of the weight (``start`` and ``stop`` multiples of the codes per word,
-        or ``stop`` the last row)."""
+        as every row count of a packed weight is)."""
         per_word = 32 // self.bits
-        if start % per_word or (stop % per_word and stop != self.shape[-2]):
+        if start % per_word or stop % per_word:
             raise ValueError(f"rows [{start}, {stop}) do not start and end on a word of {per_word} codes")
         minimum = None if self.minimum is None else self.minimum[..., start:stop, :]
-        codes = self.codes[..., start // per_word : -(-stop // per_word), :]
+        codes = self.codes[..., start // per_word : stop // per_word, :]
         return PackedWeight(codes, self.scale[..., start:stop, :], minimum, self.bits, self.offset)
 
 
